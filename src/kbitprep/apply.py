@@ -1,0 +1,145 @@
+"""Carrying out a preparation plan: the only module that changes a model."""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import torch
+from torch import nn
+
+from .checkpointing import enable_checkpointing
+from .errors import PreparationError
+from .plan import PreparationPlan, plan_preparation
+
+__all__ = ["apply_plan", "prepare_model_for_kbit_training"]
+
+_NORM_HOOKS_ATTR = "_kbitprep_norm_hooks"
+
+
+def _cast_floating(value: Any, dtype: torch.dtype) -> Any:
+    if isinstance(value, torch.Tensor) and value.is_floating_point():
+        return value.to(dtype)
+    if isinstance(value, tuple):
+        return tuple(_cast_floating(item, dtype) for item in value)
+    return value
+
+
+def _compute_in_float32(output_dtype: torch.dtype):
+    """Hooks that run a norm layer in float32 and hand its output back in `output_dtype`.
+
+    An fp32 norm weight times an fp16 activation promotes the product to fp32, which either
+    breaks the next layer (nn.LayerNorm refuses mixed dtypes) or silently doubles the size of
+    every activation after it; casting at the layer's edges keeps the model's dtype outside.
+    """
+
+    def before(module: nn.Module, args: tuple) -> tuple:
+        return _cast_floating(args, torch.float32)
+
+    def after(module: nn.Module, args: tuple, output: Any) -> Any:
+        return _cast_floating(output, output_dtype)
+
+    return before, after
+
+
+def _add_norm_hooks(model: nn.Module, plan: PreparationPlan) -> None:
+    modules = dict(model.named_modules())
+    output_dtypes = {cast.norm_layer: cast.from_dtype for cast in plan.casts if cast.norm_layer is not None}
+    for name, dtype in output_dtypes.items():
+        module = modules[name]
+        if hasattr(module, _NORM_HOOKS_ATTR):  # prepared before: one pair of hooks is enough
+            continue
+        before, after = _compute_in_float32(dtype)
+        setattr(module, _NORM_HOOKS_ATTR,
+                (module.register_forward_pre_hook(before), module.register_forward_hook(after)))
+
+
+def _clear_accelerator_cache() -> None:
+    # Casting allocates new fp32 storage and frees the half-precision one; the caching
+    # allocator keeps the freed blocks reserved, which on unified-memory devices is RAM
+    # that nothing else can use.
+    accelerator = getattr(torch, "accelerator", None)
+    if accelerator is not None and accelerator.is_available() and hasattr(accelerator, "empty_cache"):
+        accelerator.empty_cache()
+        return
+    for backend in (getattr(torch, "cuda", None), getattr(torch, "xpu", None)):
+        if backend is not None and backend.is_available():
+            backend.empty_cache()
+
+
+def apply_plan(model: nn.Module, plan: PreparationPlan, *, auto_clear_cache: bool = True) -> nn.Module:
+    """Carry out `plan` on the model it was made for: freeze, cast, hook norms, checkpoint.
+
+    Raises:
+        PreparationError: the plan lists errors; the model is left untouched.
+    """
+    if plan.errors:
+        raise PreparationError("cannot prepare the model; nothing was changed:\n- " + "\n- ".join(plan.errors))
+    for notice in plan.notices:
+        warnings.warn(notice.message, notice.category, stacklevel=3)
+
+    keep = set(plan.kept_trainable)
+    for name, param in model.named_parameters():
+        if name not in keep:
+            param.requires_grad_(False)
+
+    params = dict(model.named_parameters())
+    for cast in plan.casts:
+        param = params[cast.name]
+        param.data = param.data.to(cast.to_dtype)
+    _add_norm_hooks(model, plan)
+    if plan.casts and auto_clear_cache:
+        _clear_accelerator_cache()
+
+    enable_checkpointing(model, plan.checkpointing)
+    return model
+
+
+def prepare_model_for_kbit_training(
+    model: nn.Module,
+    use_gradient_checkpointing: bool = True,
+    gradient_checkpointing_kwargs: dict[str, Any] | None = None,
+    auto_clear_cache: bool = True,
+    *,
+    upcast: str = "all",
+    every_n_layers: int = 1,
+    offload: bool = False,
+) -> nn.Module:
+    """Prepare a quantized model for adapter (LoRA) training, in place: plan, then apply.
+
+    A drop-in for peft's function of the same name. With the defaults it freezes every
+    parameter, casts every plain float16/bfloat16 parameter to float32 (quantized storage
+    is never touched), and, for a quantized model, makes the input embeddings' output
+    require grad and switches on gradient checkpointing. Calling it twice changes nothing
+    more.
+
+    Args:
+        model (nn.Module): the model, usually loaded with a `BitsAndBytesConfig`.
+        use_gradient_checkpointing (bool): checkpoint activations of a quantized model. Default: True
+        gradient_checkpointing_kwargs (dict | None): options for `torch.utils.checkpoint.checkpoint`;
+            `use_reentrant` defaults to True and is passed explicitly. Default: None
+        auto_clear_cache (bool): release the accelerator cache after casting. Default: True
+        upcast (str): ``"all"`` (the seed's rule), ``"norms"`` (normalisation layers only; they
+            compute in float32 and return the model's dtype) or ``"none"``. Default: ``"all"``
+        every_n_layers (int): checkpoint every n-th layer, where transformers supports it. Default: 1
+        offload (bool): keep checkpointed activations in host memory, where supported. Default: False
+
+    Returns:
+        nn.Module: the same `model` object.
+
+    Raises:
+        TypeError: `model` is not a torch module, or an argument has the wrong type.
+        ValueError: an argument has a value that is not allowed.
+        PreparationError: the model cannot be prepared (no parameters, weights on the meta
+            device, cannot checkpoint); raised before anything is changed.
+
+    Example:
+        >>> model = AutoModelForCausalLM.from_pretrained(path, quantization_config=BitsAndBytesConfig(load_in_4bit=True))
+        >>> model = prepare_model_for_kbit_training(model, upcast="norms")
+        >>> model = peft.get_peft_model(model, LoraConfig(r=16, target_modules="all-linear"))
+    """
+    plan = plan_preparation(
+        model, use_gradient_checkpointing, gradient_checkpointing_kwargs, auto_clear_cache,
+        upcast=upcast, every_n_layers=every_n_layers, offload=offload,
+    )
+    return apply_plan(model, plan, auto_clear_cache=auto_clear_cache)

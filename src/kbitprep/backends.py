@@ -1,0 +1,223 @@
+"""What each quantization backend is and how to recognise it on a model.
+
+One table, `BACKENDS`, holds a row per backend. A model is matched against it in three
+passes, and the first pass that finds something wins:
+
+1. the flags transformers sets when it loads a model (`is_loaded_in_4bit`, ...);
+2. the method name transformers records (`model.quantization_method`, the quantizer,
+   or `config.quantization_config["quant_method"]`);
+3. the types of the model's tensors and layers, so that a model quantized by hand,
+   outside `from_pretrained`, is recognised too.
+
+Adding a backend is adding a row. Every value of the installed transformers'
+`QuantizationMethod` that has no row of its own gets a generic one, so a backend that
+transformers learns about later is still recognised (and left at its own precision).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+__all__ = [
+    "BACKENDS",
+    "Backend",
+    "Detection",
+    "UNKNOWN_BACKEND",
+    "detect_quantization",
+    "is_plain_tensor",
+    "quantized_tensor_backend",
+]
+
+
+@dataclasses.dataclass(frozen=True)
+class Backend:
+    """One quantization backend.
+
+    Args:
+        name (str): the name kbitprep reports, e.g. ``"bitsandbytes-4bit"``.
+        method (str): transformers' ``QuantizationMethod`` value for it.
+        upcast_allowed (bool): whether half-precision weights of such a model may be cast
+            to float32. Only bitsandbytes computes in the dtype of the tensors around it;
+            every other backend manages its own precision, and its kernels expect the
+            dtypes it chose (the seed's reasoning for gptq/aqlm/eetq/hqq/torchao).
+        flags (tuple[str, ...]): model attributes that, when truthy, mean this backend.
+        packages (tuple[str, ...]): prefixes of the qualified names of the backend's tensor
+            and layer classes (a package such as ``"torchao."`` or one class such as
+            ``"bitsandbytes.nn.modules.Params4bit"``); a parameter or layer whose class, or
+            one of its bases, matches marks the model as quantized by it.
+    """
+
+    name: str
+    method: str
+    upcast_allowed: bool = False
+    flags: tuple[str, ...] = ()
+    packages: tuple[str, ...] = ()
+
+    def owns_class(self, cls: type) -> bool:
+        """Whether `cls` or one of its bases is a class of this backend."""
+        return bool(self.packages) and any(_qualified_name(base).startswith(self.packages) for base in cls.__mro__)
+
+
+def _qualified_name(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+# Order matters only inside pass 3 (first match wins); the flags and method names do not overlap.
+_ROWS: tuple[Backend, ...] = (
+    Backend("bitsandbytes-4bit", "bitsandbytes", upcast_allowed=True, flags=("is_loaded_in_4bit",),
+            packages=("bitsandbytes.nn.modules.Params4bit", "bitsandbytes.nn.modules.Linear4bit")),
+    Backend("bitsandbytes-8bit", "bitsandbytes", upcast_allowed=True, flags=("is_loaded_in_8bit",),
+            packages=("bitsandbytes.nn.modules.Int8Params", "bitsandbytes.nn.modules.Linear8bitLt")),
+    Backend("gptq", "gptq", packages=("auto_gptq.", "gptqmodel.", "optimum.gptq.")),
+    Backend("awq", "awq", packages=("awq.",)),
+    Backend("aqlm", "aqlm", packages=("aqlm.",)),
+    Backend("vptq", "vptq", packages=("vptq.",)),
+    Backend("quanto", "quanto", packages=("optimum.quanto.", "quanto.")),
+    Backend("eetq", "eetq", packages=("eetq.",)),
+    Backend("higgs", "higgs", packages=("flute.", "transformers.integrations.higgs.")),
+    Backend("hqq", "hqq", flags=("hqq_quantized",), packages=("hqq.",)),
+    Backend("compressed-tensors", "compressed-tensors", packages=("compressed_tensors.",)),
+    Backend("fbgemm_fp8", "fbgemm_fp8", packages=("transformers.integrations.fbgemm_fp8.",)),
+    Backend("torchao", "torchao", packages=("torchao.",)),
+    Backend("bitnet", "bitnet", packages=("transformers.integrations.bitnet.",)),
+    Backend("spqr", "spqr", packages=("spqr_quant.",)),
+    Backend("fp8", "fp8", packages=("transformers.integrations.finegrained_fp8.",)),
+    Backend("mxfp4", "mxfp4", packages=("transformers.integrations.mxfp4.", "triton_kernels.")),
+)
+
+
+def _all_backends() -> tuple[Backend, ...]:
+    """The rows above, plus a generic row for every other method transformers knows."""
+    known = {row.method for row in _ROWS}
+    try:
+        from transformers.utils.quantization_config import QuantizationMethod
+    except ImportError:  # transformers is optional for planning plain torch modules
+        extra: list[str] = []
+    else:
+        extra = [m.value for m in QuantizationMethod if m.value not in known]
+    return _ROWS + tuple(Backend(value, value) for value in extra)
+
+
+BACKENDS: tuple[Backend, ...] = _all_backends()
+
+# A tensor subclass that no row claims: treated as quantized storage (never cast),
+# and the model as quantized by a backend that manages its own precision.
+UNKNOWN_BACKEND = Backend("unknown", "unknown")
+
+
+@dataclasses.dataclass(frozen=True)
+class Detection:
+    """How a model's quantization was recognised.
+
+    Args:
+        backend (Backend | None): the matching row, or None for a model that is not quantized.
+        evidence (str): what matched, for the plan, e.g. ``"model.is_loaded_in_4bit"``.
+    """
+
+    backend: Backend | None
+    evidence: str
+
+    @property
+    def name(self) -> str | None:
+        return self.backend.name if self.backend else None
+
+
+def is_plain_tensor(tensor: torch.Tensor) -> bool:
+    """True for an ordinary tensor or `nn.Parameter`, False for any tensor subclass.
+
+    Only plain tensors are ever cast: a subclass (`Params4bit`, `Int8Params`, quanto's
+    `WeightQBytesTensor`, torchao's tensors, ...) has its own storage layout, and
+    rewriting its `.data` corrupts it or raises deep inside the backend.
+    """
+    return type(tensor) in (torch.Tensor, nn.Parameter)
+
+
+def quantized_tensor_backend(tensor: torch.Tensor) -> Backend | None:
+    """The backend owning a tensor's class; `UNKNOWN_BACKEND` for an unclaimed subclass; None if plain."""
+    if is_plain_tensor(tensor):
+        return None
+    cls = type(tensor)
+    return next((row for row in BACKENDS if row.owns_class(cls)), UNKNOWN_BACKEND)
+
+
+def _method_name(model: nn.Module) -> str | None:
+    """The quantization method transformers recorded for a model, as a plain string."""
+    candidates = [getattr(model, "quantization_method", None)]
+    quantizer = getattr(model, "hf_quantizer", None)
+    candidates.append(getattr(getattr(quantizer, "quantization_config", None), "quant_method", None))
+    config_entry = getattr(getattr(model, "config", None), "quantization_config", None)
+    if isinstance(config_entry, dict):
+        candidates.append(config_entry.get("quant_method"))
+    else:
+        candidates.append(getattr(config_entry, "quant_method", None))
+    for value in candidates:
+        if value:
+            return str(getattr(value, "value", value))
+    return None
+
+
+def _by_flags(model: nn.Module) -> Detection | None:
+    for row in BACKENDS:
+        for flag in row.flags:
+            if getattr(model, flag, False) is True:
+                return Detection(row, f"model.{flag}")
+    return None
+
+
+def _by_method(model: nn.Module) -> Detection | None:
+    method = _method_name(model)
+    if method is None:
+        return None
+    rows = [row for row in BACKENDS if row.method == method]
+    if method == "bitsandbytes":
+        # The flags above did not say which width; the tensors do.
+        return _by_tensors(model) or Detection(rows[0], "quantization_method = bitsandbytes")
+    if rows:
+        return Detection(rows[0], f"quantization_method = {method}")
+    return Detection(dataclasses.replace(UNKNOWN_BACKEND, name=method, method=method),
+                     f"quantization_method = {method} (not a method this transformers knows)")
+
+
+def _tensors_and_layers(model: nn.Module) -> Iterator[tuple[str, type]]:
+    for name, tensor in model.named_parameters():
+        yield name, type(tensor)
+    for name, tensor in model.named_buffers():
+        yield name, type(tensor)
+    for name, module in model.named_modules():
+        yield name or "<root>", type(module)
+
+
+def _by_tensors(model: nn.Module) -> Detection | None:
+    for name, cls in _tensors_and_layers(model):
+        for row in BACKENDS:
+            if row.owns_class(cls):
+                return Detection(row, f"{name} is a {_qualified_name(cls)}")
+    for name, tensor in model.named_parameters():
+        if quantized_tensor_backend(tensor) is UNKNOWN_BACKEND:
+            return Detection(UNKNOWN_BACKEND,
+                             f"{name} is a {_qualified_name(type(tensor))}, a tensor subclass kbitprep does not know")
+    return None
+
+
+def detect_quantization(model: nn.Module) -> Detection:
+    """Recognise how `model` is quantized. Reads only; changes nothing.
+
+    Args:
+        model (nn.Module): any torch module, usually a transformers `PreTrainedModel`.
+
+    Returns:
+        Detection: the backend row (None when the model is not quantized) and the evidence.
+
+    Example:
+        >>> detect_quantization(model).name
+        'bitsandbytes-4bit'
+    """
+    for detect in (_by_flags, _by_method, _by_tensors):
+        found = detect(model)
+        if found is not None:
+            return found
+    return Detection(None, "no quantization flag, method or quantized tensor found")

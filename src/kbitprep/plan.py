@@ -1,0 +1,402 @@
+"""Planning a preparation: what will be frozen, cast and checkpointed, and what it costs.
+
+What preparing a 4-bit model does, and what each upcast policy casts::
+
+      input_ids
+          |
+    [ embed_tokens ]  fp16 ---- "all": -> fp32          "norms"/"none": stays fp16
+          |
+    +-----v--------------------------------------------------+  x N layers,
+    |  [ RMSNorm ]     fp16 ---- "all" and "norms": -> fp32   |  each one
+    |  [ q/k/v/o  ]    4-bit Params4bit: never cast, frozen   |  checkpointed
+    |  [ RMSNorm ]     fp16 ---- "all" and "norms": -> fp32   |  (recomputed in
+    |  [ MLP      ]    4-bit Params4bit: never cast, frozen   |  the backward)
+    +-----|--------------------------------------------------+
+    [ final norm ]     fp16 ---- "all" and "norms": -> fp32
+          |
+    [ lm_head ]        fp16 ---- "all": -> fp32          "norms"/"none": stays fp16
+          |
+        logits          (LoRA adapters, attached later by peft, are the only trainables)
+
+Under "norms" a norm layer computes in fp32 and hands its output back in the model's
+dtype, so the rest of the forward pass runs as before. The embeddings and the LM head
+are the bulk of a small model's non-quantized bytes (a 151,936 x 896 embedding is most
+of Qwen2-0.5B's), which is why "all" costs so much more than "norms".
+
+`plan_preparation` only reads the model; `kbitprep.apply` carries a plan out.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from .backends import UNKNOWN_BACKEND, Detection, detect_quantization, is_plain_tensor, quantized_tensor_backend
+from .checkpointing import CheckpointingPlan, plan_checkpointing, validate_checkpointing_kwargs
+from .errors import KbitPrepWarning, NotQuantizedWarning
+
+__all__ = [
+    "Cast",
+    "HALF_DTYPES",
+    "PreparationPlan",
+    "UPCAST_POLICIES",
+    "is_norm_layer",
+    "logical_numel",
+    "model_bytes",
+    "plan_preparation",
+    "tensor_bytes",
+]
+
+HALF_DTYPES: frozenset[torch.dtype] = frozenset({torch.float16, torch.bfloat16})
+TARGET_DTYPE = torch.float32
+
+# torch's own normalisation layers; transformers' per-model RMSNorm classes are caught by name and shape.
+_TORCH_NORMS: tuple[type[nn.Module], ...] = (
+    nn.LayerNorm, nn.GroupNorm, nn.RMSNorm, nn.LocalResponseNorm,
+    nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm,
+)
+
+
+def is_norm_layer(module: nn.Module) -> bool:
+    """Whether `module` is a normalisation layer.
+
+    torch's norm classes, and any module whose class name says "Norm" and whose own
+    parameters are all 1-D scales or shifts (LlamaRMSNorm, T5LayerNorm, GemmaRMSNorm,
+    ...). The shape rule keeps out look-alikes such as Baichuan's `NormHead`, a linear layer.
+    """
+    if isinstance(module, _TORCH_NORMS):
+        return True
+    own = list(module.parameters(recurse=False))
+    return "norm" in type(module).__name__.lower() and bool(own) and all(p.dim() == 1 for p in own)
+
+
+# Which half-precision parameters each policy casts: (parameter, owning module) -> bool.
+UPCAST_POLICIES: Mapping[str, Callable[[nn.Parameter, nn.Module], bool]] = {
+    "all": lambda param, owner: True,  # the seed's rule
+    "norms": lambda param, owner: is_norm_layer(owner),
+    "none": lambda param, owner: False,
+}
+
+
+def tensor_bytes(tensor: torch.Tensor) -> int:
+    """Bytes a tensor holds: its storage, or for a wrapper subclass the sum of its inner tensors.
+
+    A wrapper subclass such as quanto's `WeightQBytesTensor` reports its logical dtype
+    (float16) but stores int8 data and scales; `__tensor_flatten__` names those.
+    """
+    flatten = getattr(tensor, "__tensor_flatten__", None)
+    if flatten is not None and not is_plain_tensor(tensor):
+        inner_names, _ = flatten()
+        return sum(tensor_bytes(getattr(tensor, name)) for name in inner_names)
+    return tensor.numel() * tensor.element_size()
+
+
+def logical_numel(tensor: torch.Tensor) -> int:
+    """Number of values a tensor represents: packed 4-bit storage counts as its unpacked shape."""
+    shape = getattr(getattr(tensor, "quant_state", None), "shape", None)
+    return int(torch.Size(shape).numel()) if shape is not None else tensor.numel()
+
+
+def _owned_parameters(model: nn.Module) -> Iterator[tuple[str, nn.Parameter, nn.Module]]:
+    """(name, parameter, owning module), each parameter once, in `named_parameters` order."""
+    seen: set[int] = set()
+    for module_name, module in model.named_modules():
+        for local_name, param in module.named_parameters(recurse=False):
+            if id(param) not in seen:
+                seen.add(id(param))
+                yield (f"{module_name}.{local_name}" if module_name else local_name), param, module
+
+
+def model_bytes(model: nn.Module) -> int:
+    """Parameter plus buffer bytes of a model, each shared tensor counted once."""
+    params = {id(p): p for p in model.parameters()}
+    buffers = {id(b): b for b in model.buffers()}
+    return sum(tensor_bytes(t) for t in (*params.values(), *buffers.values()))
+
+
+@dataclasses.dataclass(frozen=True)
+class Cast:
+    """One parameter that preparation casts.
+
+    Args:
+        name (str): the parameter's name.
+        from_dtype (torch.dtype): its dtype now.
+        to_dtype (torch.dtype): its dtype afterwards (float32).
+        numel (int): how many values it holds.
+        norm_layer (str | None): the norm layer that owns it, when that layer will compute
+            in fp32 and hand back its output in `from_dtype` (the "norms" policy).
+    """
+
+    name: str
+    from_dtype: torch.dtype
+    to_dtype: torch.dtype
+    numel: int
+    norm_layer: str | None = None
+
+    @property
+    def bytes_added(self) -> int:
+        return self.numel * (self.to_dtype.itemsize - self.from_dtype.itemsize)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "from": _dtype_name(self.from_dtype), "to": _dtype_name(self.to_dtype),
+                "numel": self.numel, "bytes_added": self.bytes_added}
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+@dataclasses.dataclass(frozen=True)
+class Notice:
+    """A warning the preparation will emit, kept with its category."""
+
+    message: str
+    category: type[Warning] = KbitPrepWarning
+
+
+@dataclasses.dataclass(frozen=True)
+class PreparationPlan:
+    """Everything `prepare_model_for_kbit_training` will do to a model, and its cost.
+
+    Built by `plan_preparation`; `str(plan)` is a table, `plan.to_dict()` is JSON-ready.
+
+    Args:
+        detection (Detection): the quantization backend and the evidence for it.
+        upcast (str): the upcast policy, one of `UPCAST_POLICIES`.
+        cast_reason (str): why the casts are what they are.
+        casts (tuple[Cast, ...]): the parameters cast to float32.
+        frozen (tuple[str, ...]): parameters that require grad now and will be frozen.
+        kept_trainable (tuple[str, ...]): parameters left trainable (adapters of a PeftModel).
+        parameter_counts (dict[str, int]): logical values by kind: quantized, float, other.
+        bytes_before (int): parameter + buffer bytes now (shared tensors once).
+        checkpointing (CheckpointingPlan): the checkpointing settings.
+        notices (tuple[Notice, ...]): warnings that preparing will emit.
+        errors (tuple[str, ...]): problems that stop `prepare_model_for_kbit_training`
+            before it changes anything.
+    """
+
+    detection: Detection
+    upcast: str
+    cast_reason: str
+    casts: tuple[Cast, ...]
+    frozen: tuple[str, ...]
+    kept_trainable: tuple[str, ...]
+    parameter_counts: Mapping[str, int]
+    bytes_before: int
+    checkpointing: CheckpointingPlan
+    notices: tuple[Notice, ...] = ()
+    errors: tuple[str, ...] = ()
+
+    @property
+    def quantization(self) -> str | None:
+        return self.detection.name
+
+    @property
+    def bytes_after(self) -> int:
+        return self.bytes_before + sum(cast.bytes_added for cast in self.casts)
+
+    @property
+    def norm_layers(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(cast.norm_layer for cast in self.casts if cast.norm_layer is not None))
+
+    @property
+    def warnings(self) -> tuple[str, ...]:
+        return tuple(notice.message for notice in self.notices)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The plan as JSON-serialisable data."""
+        return {
+            "quantization": self.quantization,
+            "evidence": self.detection.evidence,
+            "upcast": self.upcast,
+            "cast_reason": self.cast_reason,
+            "bytes_before": self.bytes_before,
+            "bytes_after": self.bytes_after,
+            "parameter_counts": dict(self.parameter_counts),
+            "frozen": list(self.frozen),
+            "kept_trainable": list(self.kept_trainable),
+            "casts": [cast.to_dict() for cast in self.casts],
+            "norm_layers_in_fp32": list(self.norm_layers),
+            "checkpointing": self.checkpointing.to_dict(),
+            "warnings": list(self.warnings),
+            "errors": list(self.errors),
+        }
+
+    def __str__(self) -> str:
+        from .report import format_plan
+
+        return format_plan(self)
+
+
+def validate_arguments(
+    model: object,
+    use_gradient_checkpointing: object,
+    gradient_checkpointing_kwargs: object,
+    auto_clear_cache: object,
+    upcast: object,
+    every_n_layers: object,
+    offload: object,
+) -> dict[str, Any]:
+    """Check the arguments shared by planning and preparing; return the checkpoint kwargs as a new dict.
+
+    Raises:
+        TypeError: an argument has the wrong type (a model that is not a torch module, ...).
+        ValueError: an argument has a value that is not allowed (an unknown upcast policy, ...).
+    """
+    if not isinstance(model, nn.Module):
+        hint = " (a path? load the model first, e.g. AutoModelForCausalLM.from_pretrained(path, quantization_config=...))" \
+            if isinstance(model, (str, bytes)) or hasattr(model, "__fspath__") else ""
+        raise TypeError(f"model must be a torch.nn.Module such as a transformers PreTrainedModel, "
+                        f"not {type(model).__name__}{hint}")
+    for name, value in (("use_gradient_checkpointing", use_gradient_checkpointing),
+                        ("auto_clear_cache", auto_clear_cache), ("offload", offload)):
+        if not isinstance(value, bool):
+            raise TypeError(f"{name} must be True or False, not {value!r}")
+    if not isinstance(upcast, str) or upcast not in UPCAST_POLICIES:
+        raise ValueError(f"upcast must be one of {sorted(UPCAST_POLICIES)}, not {upcast!r}")
+    if isinstance(every_n_layers, bool) or not isinstance(every_n_layers, int) or every_n_layers < 1:
+        raise ValueError(f"every_n_layers must be a whole number >= 1, not {every_n_layers!r}")
+    return validate_checkpointing_kwargs(gradient_checkpointing_kwargs)
+
+
+def _is_peft_model(model: nn.Module) -> bool:
+    peft = sys.modules.get("peft")  # a PeftModel exists only if peft was imported
+    return peft is not None and isinstance(model, getattr(peft, "PeftModel", ()))
+
+
+def _plan_casts(model: nn.Module, detection: Detection, upcast: str) -> tuple[tuple[Cast, ...], str]:
+    backend = detection.backend
+    if backend is not None and not backend.upcast_allowed:
+        return (), f"{backend.name} manages its own precision: nothing is upcast"
+    if upcast == "none":
+        return (), "upcast='none'"
+    wants = UPCAST_POLICIES[upcast]
+    module_names = {id(module): name for name, module in model.named_modules()}
+    casts = tuple(
+        Cast(name, param.dtype, TARGET_DTYPE, param.numel(),
+             norm_layer=module_names[id(owner)] if upcast == "norms" else None)
+        for name, param, owner in _owned_parameters(model)
+        if is_plain_tensor(param) and param.dtype in HALF_DTYPES and wants(param, owner)
+    )
+    rule = {"all": "every float16/bfloat16 parameter -> float32",
+            "norms": "norm layers -> float32, computing in float32 and returning the model's dtype"}[upcast]
+    return casts, f"upcast='{upcast}': {rule}"
+
+
+def _count_parameters(model: nn.Module) -> dict[str, int]:
+    counts = {"quantized": 0, "float": 0, "other": 0}
+    for _, param, _ in _owned_parameters(model):
+        kind = "quantized" if not is_plain_tensor(param) else "float" if param.is_floating_point() else "other"
+        counts[kind] += logical_numel(param)
+    return counts
+
+
+def _model_notices(model: nn.Module, detection: Detection, upcast: str, casts: tuple[Cast, ...]) -> list[Notice]:
+    notices: list[Notice] = []
+    if _is_peft_model(model):
+        notices.append(Notice(
+            "model is a PeftModel: kbitprep keeps its trainable (adapter) parameters trainable, where the seed "
+            "would freeze them. Prepare the base model first, then call peft.get_peft_model."))
+    if detection.backend is None:
+        cost = sum(cast.bytes_added for cast in casts)
+        notices.append(Notice(
+            f"model is not quantized ({detection.evidence}): it is frozen, {len(casts)} half-precision parameters "
+            f"are cast to float32 (+{cost:,} bytes) and checkpointing stays off, as the seed does. Load it with "
+            "a BitsAndBytesConfig for QLoRA, or pass upcast='none' (or use peft.get_peft_model directly).",
+            NotQuantizedWarning))
+    unknown = [name for name, param, _ in _owned_parameters(model) if quantized_tensor_backend(param) is UNKNOWN_BACKEND]
+    if unknown:
+        notices.append(Notice(
+            f"{len(unknown)} parameter(s) are tensor subclasses kbitprep does not know (first: {unknown[0]}); "
+            "they are left exactly as they are and never cast."))
+    storage_dtypes = {p.dtype for _, p, _ in _owned_parameters(model) if not is_plain_tensor(p) and p.is_floating_point()
+                      and getattr(p, "quant_state", None) is not None}
+    if storage_dtypes and casts and upcast == "all":
+        notices.append(Notice(
+            f"4-bit weights are stored as {sorted(map(_dtype_name, storage_dtypes))} (FSDP-QLoRA quant storage) "
+            "but upcast='all' casts other parameters to float32; FSDP cannot flatten mixed dtypes. "
+            "Pass upcast='none' to keep one dtype."))
+    unquantized = [name for name, p, _ in _owned_parameters(model) if getattr(p, "bnb_quantized", True) is False
+                   and p.device.type != "meta"]
+    if unquantized:
+        notices.append(Notice(
+            f"{len(unquantized)} bitsandbytes 4-bit weight(s) hold no quantized data (first: {unquantized[0]}); "
+            "their first forward fails with 'quantization state not initialized' on CPU. Usually a newly "
+            "initialised head: keep it out of quantization with BitsAndBytesConfig(llm_int8_skip_modules=[...])."))
+    return notices
+
+
+def plan_preparation(
+    model: nn.Module,
+    use_gradient_checkpointing: bool = True,
+    gradient_checkpointing_kwargs: dict[str, Any] | None = None,
+    auto_clear_cache: bool = True,
+    *,
+    upcast: str = "all",
+    every_n_layers: int = 1,
+    offload: bool = False,
+) -> PreparationPlan:
+    """Plan what `prepare_model_for_kbit_training` would do, changing nothing.
+
+    Args:
+        model (nn.Module): the model, quantized or not; the meta device is fine.
+        use_gradient_checkpointing (bool): checkpoint activations of a quantized model. Default: True
+        gradient_checkpointing_kwargs (dict | None): options for `torch.utils.checkpoint.checkpoint`.
+            `use_reentrant` defaults to True, the seed's (and torch's implicit) choice. Default: None
+        auto_clear_cache (bool): release the accelerator cache after casting. Default: True
+        upcast (str): which half-precision parameters go to float32: ``"all"`` (the seed's rule),
+            ``"norms"`` (only normalisation layers), ``"none"``. Default: ``"all"``
+        every_n_layers (int): checkpoint every n-th layer, where transformers supports it. Default: 1
+        offload (bool): keep checkpointed activations in host memory, where supported. Default: False
+
+    Returns:
+        PreparationPlan: the plan; `str()` for a table, `.to_dict()` for JSON.
+
+    Raises:
+        TypeError: `model` is not a torch module, or an argument has the wrong type.
+        ValueError: an argument has a value that is not allowed.
+
+    Example:
+        >>> plan = plan_preparation(model, upcast="norms")
+        >>> plan.bytes_after / plan.bytes_before
+        1.02
+    """
+    kwargs = validate_arguments(model, use_gradient_checkpointing, gradient_checkpointing_kwargs,
+                                auto_clear_cache, upcast, every_n_layers, offload)
+    detection = detect_quantization(model)
+    casts, cast_reason = _plan_casts(model, detection, upcast)
+    checkpointing = plan_checkpointing(
+        model, quantized=detection.backend is not None, use_gradient_checkpointing=use_gradient_checkpointing,
+        kwargs=kwargs, every_n_layers=every_n_layers, offload=offload,
+    )
+    keep = _is_peft_model(model)
+    trainable = [name for name, param, _ in _owned_parameters(model) if param.requires_grad]
+    notices = _model_notices(model, detection, upcast, casts)
+    notices += [Notice(message, category) for category, message in checkpointing.warnings]
+
+    errors = list(checkpointing.errors)
+    if next(model.parameters(), None) is None:
+        errors.insert(0, f"{type(model).__name__} has no parameters: there is nothing to prepare or train.")
+    meta = [name for name, param, _ in _owned_parameters(model) if param.device.type == "meta"]
+    if meta:
+        errors.insert(0, f"{len(meta)} parameter(s) are on the meta device (first: {meta[0]}): the weights were never "
+                         "loaded. Load the model with its weights before preparing it; plan_preparation sizes it as is.")
+
+    return PreparationPlan(
+        detection=detection,
+        upcast=upcast,
+        cast_reason=cast_reason,
+        casts=casts,
+        frozen=() if keep else tuple(trainable),
+        kept_trainable=tuple(trainable) if keep else (),
+        parameter_counts=_count_parameters(model),
+        bytes_before=model_bytes(model),
+        checkpointing=checkpointing.plan,
+        notices=tuple(notices),
+        errors=tuple(errors),
+    )
