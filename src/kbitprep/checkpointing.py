@@ -37,6 +37,9 @@ _ENABLE_METHODS: tuple[tuple[str, str], ...] = (
 
 _OWN_HOOKS_ATTR = "_kbitprep_input_grad_hooks"
 
+# Checkpoint options that are switches; torch tests them for truth, so "False" would mean True.
+_BOOL_OPTIONS: frozenset[str] = frozenset({"use_reentrant", "preserve_rng_state", "debug", "early_stop"})
+
 
 @dataclasses.dataclass(frozen=True)
 class CheckpointingPlan:
@@ -85,7 +88,7 @@ def validate_checkpointing_kwargs(kwargs: object) -> dict[str, Any]:
     """Check user-given checkpoint options up front, instead of at the first forward pass.
 
     Raises:
-        TypeError: when `kwargs` is not a mapping with string keys.
+        TypeError: when `kwargs` is not a mapping, or a switch such as `use_reentrant` is not a bool.
         ValueError: when a key is not an option of `torch.utils.checkpoint.checkpoint`.
     """
     if kwargs is None:
@@ -101,7 +104,17 @@ def validate_checkpointing_kwargs(kwargs: object) -> dict[str, Any]:
             f"gradient_checkpointing_kwargs has unknown option(s) {unknown}; "
             f"torch.utils.checkpoint.checkpoint accepts {sorted(CHECKPOINT_OPTIONS)}"
         )
-    return dict(kwargs)
+    resolved = dict(kwargs)
+    # torch reads use_reentrant=None as "the default", which is reentrant; dropping it here lets
+    # the default (True) be passed explicitly and the input-grad hook be planned for it. Without
+    # that hook, reentrant checkpointing over frozen embeddings leaves the adapters without gradients.
+    if "use_reentrant" in resolved and resolved["use_reentrant"] is None:
+        del resolved["use_reentrant"]
+    wrong = {key: value for key, value in resolved.items() if key in _BOOL_OPTIONS and not isinstance(value, bool)}
+    if wrong:
+        raise TypeError(f"gradient_checkpointing_kwargs {wrong} must be True or False: a string or number here "
+                        "would be read as truth or falsehood, so e.g. 'False' would mean True")
+    return resolved
 
 
 def _input_embeddings(model: nn.Module) -> nn.Module | None:
@@ -159,6 +172,12 @@ def plan_checkpointing(
         if value != default and option not in accepted:
             warnings.append((UserWarning, f"{option}={value!r} is not supported by {method} of this transformers "
                                           f"version; ignored. Upgrade transformers to use it."))
+    if offload and "offload" in accepted and not _accelerator_available():
+        # transformers pins the saved activations in host memory, and pinning needs an
+        # accelerator: without one the first checkpointed forward raises deep inside torch.
+        warnings.append((UserWarning, "offload=True needs an accelerator (CUDA, XPU, ...) to offload from, and none "
+                                      "is available: activations already live in host memory; offload ignored."))
+        offload = False
     config = getattr(model, "config", None)
     plan = CheckpointingPlan(
         enabled=True,
@@ -171,6 +190,13 @@ def plan_checkpointing(
         disables_use_cache=getattr(config, "use_cache", False) is True,
     )
     return _Findings(plan, tuple(warnings), tuple(errors))
+
+
+def _accelerator_available() -> bool:
+    accelerator = getattr(torch, "accelerator", None)
+    if accelerator is not None and hasattr(accelerator, "is_available"):
+        return bool(accelerator.is_available())
+    return torch.cuda.is_available()
 
 
 def _live(handle: RemovableHandle) -> bool:
@@ -219,9 +245,14 @@ def enable_checkpointing(model: nn.Module, plan: CheckpointingPlan) -> None:
     existing = _input_grad_handles(model)
     hooked = [hooks for hooks in (handle.hooks_dict_ref() for handle in existing) if hooks is not None]
     keys_before = [set(hooks) for hooks in hooked]
-    previous_handles = getattr(model, "_require_grads_hooks", None)
-
     method = getattr(model, plan.method)
+    # The transformers model the method belongs to: for a PeftModel, whose attributes forward
+    # to the base model, the handles must be read from and restored on the base model, or its
+    # disable_input_require_grads would later act on handles of hooks already removed.
+    owner = getattr(method, "__self__", model)
+    previous_handles = getattr(owner, "_require_grads_hooks", None)
+    previous_handle = getattr(owner, "_require_grads_hook", None)
+
     accepted = inspect.signature(method).parameters
     call: dict[str, Any] = {}
     kwargs_name = dict(_ENABLE_METHODS)[plan.method]
@@ -236,7 +267,9 @@ def enable_checkpointing(model: nn.Module, plan: CheckpointingPlan) -> None:
         for hook_id in set(hooks) - before:
             del hooks[hook_id]
     if existing and previous_handles is not None:
-        model._require_grads_hooks = previous_handles
+        owner._require_grads_hooks = previous_handles
+        if previous_handle is not None:
+            owner._require_grads_hook = previous_handle
     if plan.input_grad_hook and not has_input_grad_hook(model):
         _add_input_grad_hook(model)
     if plan.disables_use_cache:

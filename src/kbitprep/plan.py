@@ -36,7 +36,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .backends import UNKNOWN_BACKEND, Detection, detect_quantization, is_plain_tensor, quantized_tensor_backend
+from .backends import BACKENDS, UNKNOWN_BACKEND, Detection, detect_quantization, is_plain_tensor, quantized_tensor_backend
 from .checkpointing import CheckpointingPlan, plan_checkpointing, validate_checkpointing_kwargs
 from .errors import KbitPrepWarning, NotQuantizedWarning
 
@@ -233,6 +233,21 @@ class PreparationPlan:
         return format_plan(self)
 
 
+def _not_a_module_hint(value: object) -> str:
+    """What to pass instead, for the things people pass by mistake."""
+    if isinstance(value, (str, bytes)) or hasattr(value, "__fspath__"):
+        return "a path? load the model first, e.g. AutoModelForCausalLM.from_pretrained(path, quantization_config=...)"
+    if value is None:
+        return "pass the model object that from_pretrained returned, not the result of a function that returns nothing"
+    if isinstance(value, Mapping):
+        return "a state dict? build the model, load it with model.load_state_dict(...), then pass the model"
+    if isinstance(value, type) and issubclass(value, nn.Module):
+        return f"a model class, not a model: load one first, e.g. {value.__name__}.from_pretrained(path)"
+    if isinstance(value, (tuple, list)) and any(isinstance(item, nn.Module) for item in value):
+        return "a tuple holding a model, as some loaders return (model, tokenizer)? unpack it and pass the model"
+    return "pass the loaded model itself, e.g. AutoModelForCausalLM.from_pretrained(...)"
+
+
 def validate_arguments(
     model: object,
     use_gradient_checkpointing: object,
@@ -249,10 +264,8 @@ def validate_arguments(
         ValueError: an argument has a value that is not allowed (an unknown upcast policy, ...).
     """
     if not isinstance(model, nn.Module):
-        hint = " (a path? load the model first, e.g. AutoModelForCausalLM.from_pretrained(path, quantization_config=...))" \
-            if isinstance(model, (str, bytes)) or hasattr(model, "__fspath__") else ""
         raise TypeError(f"model must be a torch.nn.Module such as a transformers PreTrainedModel, "
-                        f"not {type(model).__name__}{hint}")
+                        f"not {type(model).__name__} ({_not_a_module_hint(model)})")
     for name, value in (("use_gradient_checkpointing", use_gradient_checkpointing),
                         ("auto_clear_cache", auto_clear_cache), ("offload", offload)):
         if not isinstance(value, bool):
@@ -296,6 +309,28 @@ def _count_parameters(model: nn.Module) -> dict[str, int]:
     return counts
 
 
+def _bnb_4bit_layers_without_quant_state(model: nn.Module) -> list[str]:
+    """Names of bitsandbytes 4-bit layers (or loose 4-bit weights) whose weight was never quantized.
+
+    transformers swaps a layer for a `Linear4bit` before loading; a layer missing from the
+    checkpoint (a new classification head) keeps a plain, unquantized weight, and on CPU
+    its first forward fails deep inside bitsandbytes.
+    """
+    bnb_4bit = next(row for row in BACKENDS if row.name == "bitsandbytes-4bit")
+    found: list[str] = []
+    for name, module in model.named_modules():
+        weight = getattr(module, "weight", None)
+        if not isinstance(weight, torch.Tensor) or weight.device.type == "meta":
+            continue
+        if bnb_4bit.owns_class(type(module)) and getattr(weight, "quant_state", None) is None:
+            found.append(name or "<root>")
+    for name, param, _ in _owned_parameters(model):
+        owner = name.rsplit(".", 1)[0] if "." in name else "<root>"
+        if getattr(param, "bnb_quantized", True) is False and param.device.type != "meta" and owner not in found:
+            found.append(owner)
+    return found
+
+
 def _model_notices(model: nn.Module, detection: Detection, upcast: str, casts: tuple[Cast, ...]) -> list[Notice]:
     notices: list[Notice] = []
     if _is_peft_model(model):
@@ -309,11 +344,16 @@ def _model_notices(model: nn.Module, detection: Detection, upcast: str, casts: t
             f"are cast to float32 (+{cost:,} bytes) and checkpointing stays off, as the seed does. Load it with "
             "a BitsAndBytesConfig for QLoRA, or pass upcast='none' (or use peft.get_peft_model directly).",
             NotQuantizedWarning))
-    unknown = [name for name, param, _ in _owned_parameters(model) if quantized_tensor_backend(param) is UNKNOWN_BACKEND]
+    unknown = [(name, type(param)) for name, param, _ in _owned_parameters(model)
+               if quantized_tensor_backend(param) is UNKNOWN_BACKEND]
     if unknown:
+        first, cls = unknown[0]
+        treated = (" The model is treated as quantized by a backend that keeps its own precision: nothing is upcast."
+                   if detection.backend is UNKNOWN_BACKEND else "")
         notices.append(Notice(
-            f"{len(unknown)} parameter(s) are tensor subclasses kbitprep does not know (first: {unknown[0]}); "
-            "they are left exactly as they are and never cast."))
+            f"{len(unknown)} parameter(s) are tensor subclasses kbitprep does not know (first: {first}, a "
+            f"{cls.__module__}.{cls.__qualname__}); they are left exactly as they are and never cast.{treated} "
+            "If they are not quantized weights, make them plain torch.nn.Parameter before preparing."))
     storage_dtypes = {p.dtype for _, p, _ in _owned_parameters(model) if not is_plain_tensor(p) and p.is_floating_point()
                       and getattr(p, "quant_state", None) is not None}
     if storage_dtypes and casts and upcast == "all":
@@ -321,13 +361,14 @@ def _model_notices(model: nn.Module, detection: Detection, upcast: str, casts: t
             f"4-bit weights are stored as {sorted(map(_dtype_name, storage_dtypes))} (FSDP-QLoRA quant storage) "
             "but upcast='all' casts other parameters to float32; FSDP cannot flatten mixed dtypes. "
             "Pass upcast='none' to keep one dtype."))
-    unquantized = [name for name, p, _ in _owned_parameters(model) if getattr(p, "bnb_quantized", True) is False
-                   and p.device.type != "meta"]
+    unquantized = _bnb_4bit_layers_without_quant_state(model)
     if unquantized:
+        skip = [name.rsplit(".", 1)[-1] for name in unquantized]
         notices.append(Notice(
-            f"{len(unquantized)} bitsandbytes 4-bit weight(s) hold no quantized data (first: {unquantized[0]}); "
+            f"{len(unquantized)} bitsandbytes 4-bit layer(s) hold no quantized weights (first: {unquantized[0]}); "
             "their first forward fails with 'quantization state not initialized' on CPU. Usually a newly "
-            "initialised head: keep it out of quantization with BitsAndBytesConfig(llm_int8_skip_modules=[...])."))
+            "initialised head: keep it out of quantization with "
+            f"BitsAndBytesConfig(llm_int8_skip_modules={sorted(set(skip))!r})."))
     return notices
 
 
@@ -381,7 +422,9 @@ def plan_preparation(
 
     errors = list(checkpointing.errors)
     if next(model.parameters(), None) is None:
-        errors.insert(0, f"{type(model).__name__} has no parameters: there is nothing to prepare or train.")
+        errors.insert(0, f"{type(model).__name__} has no parameters: there is nothing to prepare or train. "
+                         "Pass the model that holds the weights (what from_pretrained returned), not a part of it "
+                         "or an empty container.")
     meta = [name for name, param, _ in _owned_parameters(model) if param.device.type == "meta"]
     if meta:
         errors.insert(0, f"{len(meta)} parameter(s) are on the meta device (first: {meta[0]}): the weights were never "

@@ -115,7 +115,11 @@ def verify_gradient_flow(
     model.train()
     try:
         loss = _scalar(model(**_accepted(model, batch)))
-        loss.backward()
+        # A loss outside the autograd graph is the worst case of the failure this check looks
+        # for (e.g. frozen embeddings under reentrant checkpointing cut off every adapter):
+        # report every trainable parameter as missing instead of letting backward() raise.
+        if loss.requires_grad:
+            loss.backward()
         trainable = [(name, param) for name, param in named if param.requires_grad]
         report = GradientFlowReport(
             loss=float(loss.detach()),
