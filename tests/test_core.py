@@ -11,9 +11,11 @@ import pytest
 import torch
 from torch import nn
 
+from bitsandbytes.nn.modules import has_avx512bf16
+
 import kbitprep.apply
 import kbitprep.checkpointing
-from conftest import attach_lora, model_state, run_reference
+from conftest import VOCAB, attach_lora, model_state, run_reference
 from kbitprep import (
     GradientFlowError,
     KbitPrepWarning,
@@ -116,6 +118,10 @@ def test_plan_golden_tiny_llama_4bit(zoo) -> None:
                           "disables_use_cache": True},
         "warnings": [],
         "errors": [],
+        # bitsandbytes repacks 4-bit weights for inference only on CPUs with AVX512-BF16.
+        "training_layout": [f"model.layers.0.{layer}" for layer in
+                            ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                             "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")] if has_avx512bf16() else [],
     }
     norms = plan_preparation(model, upcast="norms")
     assert norms.bytes_after == 3328 + 3 * 32
@@ -426,3 +432,55 @@ def test_offload_is_passed_through_where_an_accelerator_exists(zoo, monkeypatch:
     func = model.model.layers[0]._gradient_checkpointing_func
     assert func.func is not torch.utils.checkpoint.checkpoint
     assert func.keywords == {"use_reentrant": True}
+
+
+# ---------------------------------------------------------------- bitsandbytes CPU layout
+
+
+def test_eval_forward_does_not_corrupt_training(zoo, tmp_path) -> None:
+    """Samples generated before or during training must not change the adapters' gradients.
+
+    On a CPU with AVX512-BF16, bitsandbytes repacks each 4-bit weight for inference on the
+    first eval-mode forward and from then on computes with a kernel that has no autograd
+    (measured without the fix: adapter gradients 26% off in norm). Preparation switches the
+    repacking off, and unpacks weights repacked before it. On a CPU without that instruction
+    set nothing is repacked and every run must agree all the same.
+    """
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig, LlamaConfig
+
+    # bitsandbytes' repacking needs layer widths that are multiples of 32 (the zoo's are smaller).
+    config = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).save_pretrained(tmp_path)
+    batch = zoo.batch("llama")
+
+    def load() -> nn.Module:
+        bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                 bnb_4bit_compute_dtype=torch.bfloat16)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # bitsandbytes' CPU backend: torch.jit deprecations
+            return AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=bnb).train()
+
+    def sample(model: nn.Module) -> None:
+        model.eval()
+        with torch.no_grad():
+            model(**batch)
+        model.train()
+
+    def gradients(model: nn.Module, *, sample_before: bool) -> torch.Tensor:
+        if sample_before:
+            sample(model)
+            assert bool(plan_preparation(model).training_layout) is bool(has_avx512bf16())
+        model = attach_lora(prepare_model_for_kbit_training(model))
+        sample(model)  # an evaluation between training steps
+        _, grads = zoo.train_step("llama", model)
+        return torch.cat([grad.flatten() for grad in grads.values()])
+
+    untouched = gradients(load(), sample_before=False)
+    # Sampling during training: the repacking is off, so nothing changes at all.
+    torch.testing.assert_close(gradients(load(), sample_before=False), untouched, rtol=0, atol=0)
+    # Sampling before preparation: unpacking re-quantizes the block scales (bitsandbytes rounded
+    # them to bfloat16 when it repacked), so the gradients move in the last bits only.
+    relative = (gradients(load(), sample_before=True) - untouched).norm() / untouched.norm()
+    assert relative < 0.01, f"adapter gradients off by {relative:.1%}"

@@ -12,7 +12,7 @@ from .checkpointing import enable_checkpointing
 from .errors import PreparationError
 from .plan import PreparationPlan, plan_preparation
 
-__all__ = ["apply_plan", "prepare_model_for_kbit_training"]
+__all__ = ["apply_plan", "prepare_model_for_kbit_training", "restore_training_layout"]
 
 _NORM_HOOKS_ATTR = "_kbitprep_norm_hooks"
 
@@ -54,6 +54,24 @@ def _add_norm_hooks(model: nn.Module, plan: PreparationPlan) -> None:
                 (module.register_forward_pre_hook(before), module.register_forward_hook(after)))
 
 
+def restore_training_layout(model: nn.Module, layer_names: tuple[str, ...]) -> None:
+    """Keep bitsandbytes 4-bit weights in the layout that autograd can train through.
+
+    Switches off the CPU inference repacking of each named layer and unpacks a weight that
+    was already repacked (a forward in eval mode ran before preparation, e.g. a sample
+    generation); see `plan.bnb_cpu_inference_layers` for why.
+    """
+    modules = dict(model.named_modules())
+    for name in layer_names:
+        module = modules[name]
+        module.support_avx512bf16_for_cpu = False
+        weight = module.weight
+        if getattr(weight.quant_state, "packing_format_for_cpu", False):
+            from bitsandbytes.nn.modules import _convert_weight_packed_for_cpu_inverse
+
+            weight.data, weight.quant_state = _convert_weight_packed_for_cpu_inverse(weight.data, weight.quant_state)
+
+
 def _clear_accelerator_cache() -> None:
     # Casting allocates new fp32 storage and frees the half-precision one; the caching
     # allocator keeps the freed blocks reserved, which on unified-memory devices is RAM
@@ -88,6 +106,7 @@ def apply_plan(model: nn.Module, plan: PreparationPlan, *, auto_clear_cache: boo
         param = params[cast.name]
         param.data = param.data.to(cast.to_dtype)
     _add_norm_hooks(model, plan)
+    restore_training_layout(model, plan.training_layout)
     if plan.casts and auto_clear_cache:
         _clear_accelerator_cache()
 

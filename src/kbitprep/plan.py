@@ -172,6 +172,8 @@ class PreparationPlan:
         casts (tuple[Cast, ...]): the parameters cast to float32.
         frozen (tuple[str, ...]): parameters that require grad now and will be frozen.
         kept_trainable (tuple[str, ...]): parameters left trainable (adapters of a PeftModel).
+        training_layout (tuple[str, ...]): bitsandbytes 4-bit layers whose CPU inference
+            repacking is switched off (and undone, where it already happened).
         parameter_counts (dict[str, int]): logical values by kind: quantized, float, other.
         bytes_before (int): parameter + buffer bytes now (shared tensors once).
         checkpointing (CheckpointingPlan): the checkpointing settings.
@@ -191,6 +193,7 @@ class PreparationPlan:
     checkpointing: CheckpointingPlan
     notices: tuple[Notice, ...] = ()
     errors: tuple[str, ...] = ()
+    training_layout: tuple[str, ...] = ()
 
     @property
     def quantization(self) -> str | None:
@@ -225,6 +228,7 @@ class PreparationPlan:
             "checkpointing": self.checkpointing.to_dict(),
             "warnings": list(self.warnings),
             "errors": list(self.errors),
+            "training_layout": list(self.training_layout),
         }
 
     def __str__(self) -> str:
@@ -329,6 +333,23 @@ def _bnb_4bit_layers_without_quant_state(model: nn.Module) -> list[str]:
         if getattr(param, "bnb_quantized", True) is False and param.device.type != "meta" and owner not in found:
             found.append(owner)
     return found
+
+
+def bnb_cpu_inference_layers(model: nn.Module) -> tuple[str, ...]:
+    """bitsandbytes 4-bit layers that repack their weights for CPU inference, or already have.
+
+    On a CPU with AVX512-BF16, bitsandbytes' `Linear4bit` rewrites its weight for good into
+    a packed inference layout the first time it runs forward in eval mode, and computes
+    with a kernel that has no autograd from then on: every later training step sends
+    silently wrong gradients to the adapters below each frozen layer (torch only warns that
+    "an autograd kernel was not registered"). Preparing for training switches that off.
+    """
+    def repacked(module: nn.Module) -> bool:
+        state = getattr(getattr(module, "weight", None), "quant_state", None)
+        return bool(getattr(state, "packing_format_for_cpu", False))
+
+    return tuple(name for name, module in model.named_modules()
+                 if getattr(module, "support_avx512bf16_for_cpu", False) or repacked(module))
 
 
 def _model_notices(model: nn.Module, detection: Detection, upcast: str, casts: tuple[Cast, ...]) -> list[Notice]:
@@ -438,6 +459,7 @@ def plan_preparation(
         frozen=() if keep else tuple(trainable),
         kept_trainable=tuple(trainable) if keep else (),
         parameter_counts=_count_parameters(model),
+        training_layout=bnb_cpu_inference_layers(model),
         bytes_before=model_bytes(model),
         checkpointing=checkpointing.plan,
         notices=tuple(notices),

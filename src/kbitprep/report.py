@@ -55,6 +55,9 @@ def format_plan(plan: PreparationPlan) -> str:
         ("bytes", f"{format_bytes(plan.bytes_before)} -> {format_bytes(plan.bytes_after)} (x{ratio:.3f})"),
         ("checkpointing", checkpointing),
     ]
+    if plan.training_layout:
+        rows.append(("4-bit layout", f"CPU inference repacking off for {len(plan.training_layout)} bitsandbytes "
+                                     "layers (its kernel has no autograd)"))
     rows += [("warning", message) for message in plan.warnings]
     rows += [("error", message) for message in plan.errors]
     width = max(len(key) for key, _ in rows)
