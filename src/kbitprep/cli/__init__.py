@@ -1,0 +1,96 @@
+"""The `kbitprep` command: `inspect`, `finetune` and `demo`, each a thin layer over the library.
+
+Each command lives in its own module with `add_parser` (its options) and `run` (calls
+the library, then renders the report it returns). `main` wires them together and turns
+every known error into one line on stderr and a non-zero exit code; `--debug` shows the
+traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+
+from .. import __version__
+from . import demo, finetune, inspect
+from .console import make_consoles, quiet_third_party
+
+__all__ = ["build_parser", "main"]
+
+COMMANDS = (inspect, finetune, demo)
+_EXIT_ERROR = 1
+_EXIT_INTERRUPTED = 130
+
+
+def _known_errors() -> tuple[type[BaseException], ...]:
+    """Errors that mean "the input or the situation is wrong", not "kbitprep is broken"."""
+    from ..data import DataError
+    from ..errors import GradientFlowError, PreparationError
+    from ..finetune import FinetuneError
+    from ..loading import ModelFolderError
+    from ..outputs import RunFolderError
+
+    return (DataError, FinetuneError, ModelFolderError, RunFolderError, PreparationError, GradientFlowError, OSError)
+
+
+def _debug_option(parser: argparse.ArgumentParser) -> None:
+    # SUPPRESS: a subcommand's default must not overwrite `kbitprep --debug COMMAND`.
+    parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                        help="show the full traceback of an error (also: KBITPREP_DEBUG=1)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of `kbitprep` and its subcommands."""
+    parser = argparse.ArgumentParser(
+        prog="kbitprep",
+        description="Prepare quantized (4-/8-bit) models for LoRA fine-tuning, and run that fine-tuning end to end.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    _debug_option(parser)
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for command in COMMANDS:
+        subparser = command.add_parser(commands)
+        _debug_option(subparser)
+        subparser.set_defaults(handler=command.run)
+    return parser
+
+
+def _one_line(error: BaseException) -> str:
+    lines = [line.strip().removeprefix("- ") for line in str(error).splitlines() if line.strip()]
+    return "; ".join(lines) or type(error).__name__
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run `kbitprep` with `argv` (default: the command line); return the exit code."""
+    args = build_parser().parse_args(argv)
+    debug = getattr(args, "debug", False) or os.environ.get("KBITPREP_DEBUG", "") not in ("", "0")
+    out, err = make_consoles()
+    try:
+        with quiet_third_party(err):
+            return args.handler(args, out)
+    except BrokenPipeError:  # `kbitprep inspect ... --json | head`: the reader left; say nothing more
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return _EXIT_ERROR
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        err.print("kbitprep: interrupted", markup=False, highlight=False)
+        return _EXIT_INTERRUPTED
+    except Exception as error:  # noqa: BLE001 - the one place where every error becomes a message
+        if debug:
+            raise
+        if isinstance(error, _known_errors()):
+            if os.environ.get("RANK", "0") != "0":  # under torchrun every process finds the same problem
+                return _EXIT_ERROR
+            message = f"kbitprep: error: {_one_line(error)}"
+        else:
+            message = (f"kbitprep: error: unexpected {type(error).__name__}: {_one_line(error)} "
+                       "(run again with --debug for the traceback)")
+        err.print(message, markup=False, highlight=False, soft_wrap=True)
+        return _EXIT_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())

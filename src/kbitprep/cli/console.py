@@ -1,0 +1,167 @@
+"""Rendering for the command line: rich consoles, live training progress, and report summaries.
+
+Rendering only reads the report objects the library returns; it never computes results.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from ..finetune import FinetuneObserver
+from ..quiet import without_log_notes
+from ..report import format_bytes, format_count
+
+if TYPE_CHECKING:
+    from ..finetune import FinetuneReport
+    from ..inspection import InspectReport
+    from ..plan import PreparationPlan
+
+__all__ = ["RichObserver", "make_consoles", "quiet_third_party", "render_finetune_report", "render_inspect_report"]
+
+
+def make_consoles() -> tuple[Console, Console]:
+    """(stdout console, stderr console)."""
+    return Console(soft_wrap=True), Console(stderr=True, soft_wrap=True)
+
+
+@contextlib.contextmanager
+def quiet_third_party(err: Console) -> Iterator[None]:
+    """While a command runs: no notes from other libraries that say nothing to a kbitprep user
+    (bitsandbytes' missing-kernel note, transformers' loading progress bars), and
+    kbitprep's own warnings as one yellow line each. Everything is restored afterwards."""
+    from ..errors import KbitPrepWarning
+
+    default_show = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, KbitPrepWarning):
+            err.print(f"warning: {message}", markup=False, highlight=False, style="yellow")
+        else:
+            default_show(message, category, filename, lineno, file, line)
+
+    with without_log_notes("bnb-cpu-kernels"):  # before anything imports bitsandbytes
+        import transformers
+
+        progress_bars = transformers.utils.logging.is_progress_bar_enabled()
+        transformers.utils.logging.disable_progress_bar()
+        warnings.showwarning = show
+        try:
+            yield
+        finally:
+            warnings.showwarning = default_show
+            if progress_bars:
+                transformers.utils.logging.enable_progress_bar()
+
+
+def print_plan(console: Console, plan: PreparationPlan) -> None:
+    console.print(str(plan), markup=False, highlight=False)
+
+
+class RichObserver(FinetuneObserver):
+    """Shows a run's progress: the plan, samples, and a progress bar with the current loss."""
+
+    def __init__(self, console: Console) -> None:
+        self.console = console
+        self.progress: Progress | None = None
+        self.task: Any = None
+
+    def on_message(self, text: str) -> None:
+        self.console.print(f"[dim]·[/] {text}", highlight=False)
+
+    def on_plan(self, plan: PreparationPlan) -> None:
+        print_plan(self.console, plan)
+
+    def on_trainable(self, trainable: int, total: int) -> None:
+        self.console.print(f"LoRA attached: {format_count(trainable)} trainable of {format_count(total)} parameters "
+                           f"({100 * trainable / max(total, 1):.2f}%)", highlight=False)
+
+    def on_sample(self, stage: str, prompt: str, completion: str) -> None:
+        self.console.print(f"sample {stage:<6} training: ", end="", highlight=False)
+        self.console.print(repr(prompt), style="bold", end="", markup=False, highlight=False)
+        self.console.print(" -> ", end="")
+        self.console.print(repr(completion), style="green" if stage == "after" else "", markup=False, highlight=False)
+
+    def on_train_begin(self, total_steps: int, start_step: int) -> None:
+        self.progress = Progress(
+            TextColumn("training"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"),
+            TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), console=self.console,
+        )
+        self.task = self.progress.add_task("train", total=total_steps, completed=start_step, loss="-")
+        self.progress.start()
+
+    def on_step(self, step: int, loss: float | None) -> None:
+        if self.progress is not None:
+            self.progress.update(self.task, completed=step, loss=f"{loss:.4f}" if loss is not None else "-")
+
+    def on_train_end(self) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+            self.progress = None
+
+    def __enter__(self) -> RichObserver:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.on_train_end()  # a run that failed mid-training still hands the terminal back
+
+
+def render_finetune_report(console: Console, report: FinetuneReport, title: str = "fine-tuning finished") -> None:
+    """A short summary of a finished run."""
+    table = Table(title=title, show_header=False, title_justify="left", box=None, padding=(0, 2))
+    table.add_column(style="bold")
+    table.add_column()
+    before, after = report.batch_loss_before, report.batch_loss_after
+    table.add_row("loss (first batch)", f"{before:.4f} -> {after:.4f}  ({-100 * report.loss_drop:+.1f}%)")
+    if report.loss_history:
+        first, last = report.loss_history[0], report.loss_history[-1]
+        table.add_row("training loss",
+                      f"step {first['step']}: {first['loss']:.4f} -> step {last['step']}: {last['loss']:.4f}")
+    steps = f"{report.steps}"
+    if report.resumed_from_step is not None:
+        steps += f" (resumed from step {report.resumed_from_step})"
+    table.add_row("steps", steps + (f" on {report.world_size} processes" if report.world_size > 1 else ""))
+    timings = report.timings
+    table.add_row("time", f"{timings.get('total_s', 0):.1f} s (training {timings.get('train_s', 0):.1f} s)")
+    table.add_row("adapter", report.files["adapter"])
+    table.add_row("report", report.files["report"])
+    table.add_row("loss plot", report.files["loss_plot"])
+    console.print(table)
+
+
+def render_inspect_report(console: Console, report: InspectReport) -> None:
+    """One table row per upcast policy, then what all policies share."""
+    source = "sized from config.json on the meta device, no weights loaded" if report.source == "meta" \
+        else "weights loaded"
+    console.print(f"[bold]{report.model}[/]  {report.architecture}  quantize={report.quantize}  "
+                  f"[dim]{source}; {report.seconds:.1f} s[/]", highlight=False)
+    first = next(iter(report.plans.values()))
+    console.print(f"backend: {first.quantization or 'not quantized'} ({first.detection.evidence})",
+                  markup=False, highlight=False)
+    console.print("parameters: " + ", ".join(f"{kind} {format_count(n)}" for kind, n in first.parameter_counts.items()),
+                  highlight=False)
+    table = Table(title_justify="left")
+    for column, justify in (("upcast", "left"), ("casts", "right"), ("added", "right"), ("bytes before", "right"),
+                            ("bytes after", "right"), ("ratio", "right")):
+        table.add_column(column, justify=justify)
+    for policy, plan in report.plans.items():
+        ratio = plan.bytes_after / plan.bytes_before if plan.bytes_before else 1.0
+        table.add_row(policy, str(len(plan.casts)), "+" + format_bytes(plan.bytes_after - plan.bytes_before),
+                      format_bytes(plan.bytes_before), format_bytes(plan.bytes_after), f"x{ratio:.3f}")
+    console.print(table)
+    ckpt = first.checkpointing
+    console.print(f"checkpointing: {'on via ' + str(ckpt.method) if ckpt.enabled else 'off (' + ckpt.reason + ')'}",
+                  markup=False, highlight=False)
+    seen: set[str] = set()
+    for policy, plan in report.plans.items():
+        for label, messages in (("warning", plan.warnings), ("error", plan.errors)):
+            for message in messages:
+                if message not in seen:
+                    seen.add(message)
+                    console.print(f"{label} ({policy}): {message}", markup=False, highlight=False, style="yellow")

@@ -1,0 +1,89 @@
+"""`kbitprep inspect`: the preparation plan of a local model under every upcast policy.
+
+With weights in the folder the model is loaded as `--quantize` says; without them (or
+with `meta=True`) it is built from config.json alone on the meta device by
+`kbitprep.sizing.build_meta_model`, with bitsandbytes layers packed as a real load packs
+them, so a 70B model is sized in seconds and a few hundred MB of memory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from typing import Any
+
+from .loading import ModelFolderError, check_model_folder, has_weights, load_quantized_model
+from .plan import UPCAST_POLICIES, PreparationPlan, plan_preparation
+
+__all__ = ["InspectReport", "inspect_model"]
+
+
+@dataclasses.dataclass(frozen=True)
+class InspectReport:
+    """Plans for one model, one per upcast policy.
+
+    Args:
+        model (str): the model folder.
+        quantize (str): how it was (or would be) loaded.
+        source (str): "meta" (config.json only, nothing loaded) or "weights".
+        architecture (str): the config's model type and architecture.
+        plans (dict[str, PreparationPlan]): upcast policy -> plan.
+        seconds (float): how long building and planning took.
+    """
+
+    model: str
+    quantize: str
+    source: str
+    architecture: str
+    plans: dict[str, PreparationPlan]
+    seconds: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"model": self.model, "quantize": self.quantize, "source": self.source,
+                "architecture": self.architecture, "seconds": round(self.seconds, 3),
+                "plans": {policy: plan.to_dict() for policy, plan in self.plans.items()}}
+
+
+def _without_meta_error(plan: PreparationPlan) -> PreparationPlan:
+    # Planning a meta-device skeleton reports that its weights were never loaded, which is
+    # the point of sizing from config.json; every other error stays.
+    return dataclasses.replace(plan, errors=tuple(e for e in plan.errors if "on the meta device" not in e))
+
+
+def inspect_model(path: str | os.PathLike[str], *, quantize: str = "nf4", meta: bool = False) -> InspectReport:
+    """Plan the preparation of a local model under each upcast policy, changing nothing on disk.
+
+    Args:
+        path (str | PathLike): the model folder (config.json; weights optional).
+        quantize (str): "nf4", "fp4", "int8" or "none". Default: "nf4"
+        meta (bool): size from config.json even when weights are present. Default: False
+
+    Returns:
+        InspectReport: the plans.
+
+    Raises:
+        ModelFolderError: the folder or its config.json cannot be used.
+    """
+    from .sizing import build_meta_model
+
+    started = time.perf_counter()
+    config = check_model_folder(path, need_weights=False)
+    if meta or not has_weights(path):
+        try:
+            model = build_meta_model(os.fspath(path), quantize=quantize)
+        except (FileNotFoundError, ValueError) as error:
+            raise ModelFolderError(f"{os.path.join(path, 'config.json')}: {error}") from None
+        source = "meta"
+    else:
+        model = load_quantized_model(path, quantize)
+        source = "weights"
+    plans = {policy: plan_preparation(model, upcast=policy) for policy in UPCAST_POLICIES}
+    if source == "meta":
+        plans = {policy: _without_meta_error(plan) for policy, plan in plans.items()}
+    architectures = config.get("architectures") or [type(model).__name__]
+    return InspectReport(
+        model=os.fspath(path), quantize=quantize, source=source,
+        architecture=f"{config.get('model_type', '?')} ({architectures[0]})",
+        plans=plans, seconds=time.perf_counter() - started,
+    )
