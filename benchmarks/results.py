@@ -1,0 +1,121 @@
+"""Everything one benchmark run measured, and the product's targets checked against it."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+from .footprint import FootprintRow
+from .machine import Machine
+from .real_model import RealModelResult
+from .training import TrainingResult, TrainingSettings
+from .variants import REFERENCE
+
+__all__ = ["BenchmarkResults", "Target", "TARGETS", "check_targets"]
+
+
+@dataclasses.dataclass(frozen=True)
+class BenchmarkResults:
+    """One run's figures; `markdown.render` turns them into BENCHMARKS.md."""
+
+    command: str
+    started_utc: str
+    duration_s: float
+    machine: Machine
+    footprint: list[FootprintRow]
+    real: RealModelResult | None
+    training_config: dict
+    training_footprint: FootprintRow
+    training_settings: TrainingSettings | None
+    training: dict[str, TrainingResult]
+
+    def footprint_of(self, model: str) -> FootprintRow | None:
+        return next((row for row in self.footprint if row.model == model), None)
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    """One promise of the product, as a check over the results.
+
+    Args:
+        name (str): what is promised, in words.
+        check (Callable): results -> (measured value in words, met?), or None when not measured.
+    """
+
+    name: str
+    check: Callable[[BenchmarkResults], tuple[str, bool] | None]
+
+
+def _footprint_ratio(model: str, variant: str, limit: float) -> Callable[[BenchmarkResults], tuple[str, bool] | None]:
+    def check(results: BenchmarkResults) -> tuple[str, bool] | None:
+        row = results.footprint_of(model)
+        if row is None:
+            return None
+        ratio = row.ratio(variant)
+        return f"{ratio:.3f}x", ratio <= limit
+    return check
+
+
+def _all_equals_reference(results: BenchmarkResults) -> tuple[str, bool] | None:
+    pairs = [(row.model, row.after["all"], row.after[REFERENCE.name]) for row in results.footprint]
+    if results.real is not None:
+        pairs.append((f"{results.real.model} (real)", results.real.measured("all"),
+                      results.real.measured(REFERENCE.name)))
+    if not pairs:
+        return None
+    differing = [model for model, ours, theirs in pairs if ours != theirs]
+    measured = f"equal on all {len(pairs)} models" if not differing else f"differs on {', '.join(differing)}"
+    return measured, not differing
+
+
+def _training_ratio(variant: str, measure: Callable[[TrainingResult], float], limit: float, *,
+                    strict: bool = False) -> Callable[[BenchmarkResults], tuple[str, bool] | None]:
+    def check(results: BenchmarkResults) -> tuple[str, bool] | None:
+        if variant not in results.training or REFERENCE.name not in results.training:
+            return None
+        ratio = measure(results.training[variant]) / measure(results.training[REFERENCE.name])
+        return f"{ratio:.3f}x", ratio < limit if strict else ratio <= limit
+    return check
+
+
+def _final_loss(variant: str) -> Callable[[BenchmarkResults], tuple[str, bool] | None]:
+    def check(results: BenchmarkResults) -> tuple[str, bool] | None:
+        if variant not in results.training or REFERENCE.name not in results.training:
+            return None
+        ours, theirs = results.training[variant].final_loss, results.training[REFERENCE.name].final_loss
+        difference = (ours - theirs) / theirs
+        return f"{difference:+.2%}", abs(difference) <= 0.01
+    return check
+
+
+def _no_kbitprep_warnings(results: BenchmarkResults) -> tuple[str, bool] | None:
+    counts = {name: len(result.warnings_prepare_and_steps) for name, result in results.training.items()
+              if name != REFERENCE.name}
+    if not counts:
+        return None
+    return ", ".join(f"{name}: {count}" for name, count in counts.items()), not any(counts.values())
+
+
+TARGETS: tuple[Target, ...] = (
+    Target('"norms" footprint <= 0.65x reference on Qwen2-0.5B', _footprint_ratio("Qwen2-0.5B", "norms", 0.65)),
+    Target('"norms" footprint <= 0.80x reference on Llama-3-8B', _footprint_ratio("Llama-3-8B", "norms", 0.80)),
+    Target('"all" footprint equal to the reference, to the byte', _all_equals_reference),
+    Target('training peak memory (peak RSS) with "norms" below the reference\'s',
+           _training_ratio("norms", lambda r: r.peak_rss_bytes, 1.0, strict=True)),
+    Target('median step time with "all" <= 1.05x reference',
+           _training_ratio("all", lambda r: r.median_step_s, 1.05)),
+    Target('median step time with "norms" <= 1.05x reference',
+           _training_ratio("norms", lambda r: r.median_step_s, 1.05)),
+    Target('final loss with "all" within 1% of the reference\'s', _final_loss("all")),
+    Target('final loss with "norms" within 1% of the reference\'s', _final_loss("norms")),
+    Target("zero warnings from kbitprep (preparation + 3 training steps)", _no_kbitprep_warnings),
+)
+
+
+def check_targets(results: BenchmarkResults) -> list[tuple[Target, str, bool | None]]:
+    """Each target with its measured value and whether it is met (None: not measured in this run)."""
+    rows = []
+    for target in TARGETS:
+        outcome = target.check(results)
+        rows.append((target, "not measured", None) if outcome is None else (target, *outcome))
+    return rows

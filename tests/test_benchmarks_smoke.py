@@ -1,0 +1,70 @@
+"""Keeps benchmarks/ from rotting: each part of `benchmarks/run.py` on a tiny Qwen2, no timings asserted."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+if str(REPO_ROOT) not in sys.path:  # `benchmarks` is a folder of the repository, not an installed package
+    sys.path.insert(0, str(REPO_ROOT))
+
+from benchmarks.checkpoints import save_random_checkpoint  # noqa: E402
+from benchmarks.footprint import measure_footprint  # noqa: E402
+from benchmarks.machine import describe_machine  # noqa: E402
+from benchmarks.markdown import render  # noqa: E402
+from benchmarks.real_model import measure_real_model  # noqa: E402
+from benchmarks.results import BenchmarkResults, check_targets  # noqa: E402
+from benchmarks.shapes import PUBLISHED_CONFIGS, TINY_CONFIG  # noqa: E402
+from benchmarks.training import TrainingResult, TrainingSettings, synthetic_batches, train_variant  # noqa: E402
+from benchmarks.variants import VARIANTS  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def tiny_row():
+    return measure_footprint("tiny-Qwen2", TINY_CONFIG)
+
+
+def test_footprint_of_a_tiny_config_orders_the_policies(tiny_row):
+    after = tiny_row.after
+    assert list(after) == list(VARIANTS)
+    assert after["all"] == after["reference"] == tiny_row.reference_rule
+    assert tiny_row.floor == after["none"] < after["norms"] < after["all"]
+
+
+def test_published_configs_build_on_meta():
+    # Only the smallest: sizes the skeleton, allocates nothing.
+    row = measure_footprint("Qwen2-0.5B", PUBLISHED_CONFIGS["Qwen2-0.5B"])
+    assert 0.45e9 < row.parameters < 0.55e9
+    assert row.after["all"] == row.after["reference"]
+
+
+def test_real_tiny_model_agrees_with_the_meta_sizing(tiny_row, tmp_path):
+    real = measure_real_model("tiny-Qwen2", TINY_CONFIG, list(VARIANTS), repeats=1, workdir=tmp_path,
+                              log=lambda _: None)
+    assert real.floors() == {tiny_row.floor}
+    for name in VARIANTS:
+        assert real.measured(name) == tiny_row.after[name] == real.of(name)[0].planned
+
+
+def test_training_worker_and_report_render(tiny_row, tmp_path):
+    settings = TrainingSettings(steps=2, warmup=1, batch_size=1, seq_len=16, threads=None)  # leave pytest's threads
+    assert all((a == b).all() for a, b in zip(synthetic_batches(1024, settings), synthetic_batches(1024, settings)))
+    checkpoint = save_random_checkpoint(TINY_CONFIG, tmp_path / "model")
+    figures = train_variant(checkpoint, "norms", settings)
+    assert figures["warnings_prepare"] == [] and figures["warnings_steps"] == []
+    result = TrainingResult(**figures)
+    training = {"reference": result, "all": result, "norms": result}  # the layout of a real run, figures reused
+
+    results = BenchmarkResults(
+        command="python benchmarks/run.py", started_utc="now", duration_s=1.0,
+        machine=describe_machine(REPO_ROOT), footprint=[tiny_row], real=None, training_config=dict(TINY_CONFIG),
+        training_footprint=tiny_row, training_settings=settings, training=training,
+    )
+    text = render(results)
+    assert "## 1. Prepared footprint" in text and "## 2. Training" in text and "## 4. Warnings" in text
+    assert "tiny-Qwen2" in text
+    outcomes = {target.name: met for target, _, met in check_targets(results)}
+    assert outcomes['"all" footprint equal to the reference, to the byte'] is True
