@@ -147,6 +147,7 @@ def test_finetune_prompt_completion_adapter_reloads_with_the_reported_loss(
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
+    from kbitprep import prepare_model_for_kbit_training
     from kbitprep.data import read_jsonl, tokenize_rows
     from kbitprep.finetune import batch_loss, first_batch
     from kbitprep.loading import load_quantized_model, load_tokenizer
@@ -171,11 +172,15 @@ def test_finetune_prompt_completion_adapter_reloads_with_the_reported_loss(
         bnb_4bit_compute_dtype=torch.float32))
     with warnings.catch_warnings():  # peft's get/from_pretrained reads a deprecated transformers property
         warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
-        model = PeftModel.from_pretrained(load_quantized_model(tiny_model, "nf4"), finished_run / "adapter")
+        # Prepared as training prepared it (the same upcast), the base computes as training did.
+        base = prepare_model_for_kbit_training(load_quantized_model(tiny_model, "nf4"),
+                                               upcast=report["settings"]["upcast"])
+        model = PeftModel.from_pretrained(base, finished_run / "adapter")
         plain = PeftModel.from_pretrained(plain, finished_run / "adapter")
-    # kbitprep's loader computes as training did: the same loss to float precision.
+    # kbitprep's loader and preparation compute as training did: the same loss to float precision.
     assert batch_loss(model, batch) == pytest.approx(report["batch_loss_after"], rel=1e-6, abs=1e-6)
-    # A plain transformers load may run bitsandbytes' CPU inference kernel: equal to ~1e-3.
+    # A plain transformers load keeps the bf16 base in bf16 and may run bitsandbytes' CPU
+    # inference kernel: equal to ~1e-3.
     assert batch_loss(plain, batch) == pytest.approx(report["batch_loss_after"], rel=5e-3)
 
 

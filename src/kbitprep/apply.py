@@ -66,7 +66,9 @@ def restore_training_layout(model: nn.Module, layer_names: tuple[str, ...]) -> N
         module = modules[name]
         module.support_avx512bf16_for_cpu = False
         weight = module.weight
-        if getattr(weight.quant_state, "packing_format_for_cpu", False):
+        # A layer whose weight was never quantized (a new head missing from the checkpoint)
+        # has no quant_state; plan_preparation warns about it by name.
+        if getattr(getattr(weight, "quant_state", None), "packing_format_for_cpu", False):
             from bitsandbytes.nn.modules import _convert_weight_packed_for_cpu_inverse
 
             weight.data, weight.quant_state = _convert_weight_packed_for_cpu_inverse(weight.data, weight.quant_state)
