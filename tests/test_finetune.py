@@ -154,3 +154,35 @@ def test_model_folder_problems_name_the_file(tmp_path: Path) -> None:
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
     with pytest.raises(ModelFolderError, match=r"model\.safetensors: damaged or truncated weight file"):
         load_quantized_model(model, "nf4")
+
+
+# --- LoRA targets --------------------------------------------------------------------------
+
+
+def test_default_targets_are_the_linear_layers_and_train_a_mixture_of_experts(tmp_path: Path) -> None:
+    """Mixtral in transformers 5 keeps its experts as fused parameters; asking peft for
+    "all-linear" also wraps those, and peft's parameter wrapper refuses dropout. Named
+    linear layers adapt attention and the router, and train with dropout on."""
+    import warnings
+
+    import torch
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig, MixtralConfig
+
+    from kbitprep import prepare_model_for_kbit_training, verify_gradient_flow
+    from kbitprep.finetune import FinetuneSettings, _attach_lora, linear_layer_names
+
+    config = MixtralConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                           num_attention_heads=4, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # bitsandbytes' CPU backend: torch.jit deprecations
+        model = AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=BitsAndBytesConfig(load_in_4bit=True))
+    names = linear_layer_names(model)
+    assert {"q_proj", "k_proj", "v_proj", "o_proj"} <= set(names) and "lm_head" not in names
+
+    settings = FinetuneSettings(model=str(tmp_path), data="unused.jsonl", output=str(tmp_path / "run"), lora_dropout=0.1)
+    model = _attach_lora(prepare_model_for_kbit_training(model), settings)
+    adapted = {name.split(".lora_A")[0].rsplit(".", 1)[-1] for name, _ in model.named_parameters() if ".lora_A" in name}
+    assert adapted == set(names)
+    verify_gradient_flow(model)

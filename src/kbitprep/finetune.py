@@ -293,13 +293,28 @@ def _barrier() -> None:
         dist.barrier()
 
 
+def linear_layer_names(model: nn.Module) -> list[str]:
+    """Leaf names of the model's linear layers (bitsandbytes ones included), without the output head.
+
+    The default LoRA targets. Naming them, rather than asking peft for "all-linear", keeps
+    peft from also wrapping the fused expert parameters of mixture-of-experts models, which
+    its parameter wrapper trains only without dropout.
+    """
+    from torch import nn as torch_nn
+    from transformers.pytorch_utils import Conv1D
+
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
+                   if isinstance(module, (torch_nn.Linear, Conv1D)) and module is not head})
+
+
 def _attach_lora(model: nn.Module, settings: FinetuneSettings) -> nn.Module:
     from peft import LoraConfig, get_peft_model
 
+    linear = linear_layer_names(model)
     config = LoraConfig(
         r=settings.lora_r, lora_alpha=settings.lora_alpha, lora_dropout=settings.lora_dropout, bias="none",
-        target_modules=list(settings.target_modules) if settings.target_modules else "all-linear",
-        task_type="CAUSAL_LM",
+        target_modules=list(settings.target_modules or linear), task_type="CAUSAL_LM",
     )
     try:
         with warnings.catch_warnings():
@@ -309,10 +324,8 @@ def _attach_lora(model: nn.Module, settings: FinetuneSettings) -> nn.Module:
                                     category=FutureWarning)
             return get_peft_model(model, config)
     except ValueError as error:
-        names = sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
-                        if type(module).__name__.startswith("Linear")})
         raise FinetuneError(f"--target-modules: {error_summary(error)}; the model's linear layers are "
-                            f"{', '.join(names) or 'none'}") from None
+                            f"{', '.join(linear) or 'none'}") from None
 
 
 def _training_arguments(settings: FinetuneSettings, output_dir: Path):
