@@ -139,7 +139,8 @@ def no_checkpointing_llama(path: pathlib.Path) -> nn.Module:
 
 ERROR_CASES = [
     ErrorCase("none", lambda p: None, {}, TypeError, ("not NoneType",), ("from_pretrained",)),
-    ErrorCase("string-path", lambda p: str(p), {}, TypeError, ("not str",), ("load the model first", "from_pretrained(path")),
+    ErrorCase("string-path", lambda p: str(p), {}, TypeError, ("not str",),
+              ("load the model first", "from_pretrained(path")),
     ErrorCase("pathlib-path", lambda p: p, {}, TypeError, ("Path",), ("load the model first",)),
     ErrorCase("int", lambda p: 7, {}, TypeError, ("not int",), ("pass the loaded model",)),
     ErrorCase("state-dict", lambda p: load_4bit(p).state_dict(), {}, TypeError, ("not OrderedDict", "a state dict"),

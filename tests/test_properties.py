@@ -217,7 +217,7 @@ def measured_bytes(model: nn.Module) -> int:
     total = 0
     for tensor in unique_tensors(model):
         if isinstance(tensor, PackedTensor):  # the bytes it stores, not the fp16 it pretends to be
-            total += tensor.qdata.numel() * tensor.qdata.element_size() + tensor.scale.numel() * tensor.scale.element_size()
+            total += sum(inner.numel() * inner.element_size() for inner in (tensor.qdata, tensor.scale))
         else:
             total += tensor.numel() * tensor.element_size()
     return total

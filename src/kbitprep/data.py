@@ -113,7 +113,7 @@ def read_jsonl(path: str | os.PathLike[str]) -> list[Row]:
         try:
             value = json.loads(line)
         except json.JSONDecodeError as error:
-            raise DataError(f"{where}: not valid JSON ({error.msg} at column {error.colno})") from None
+            raise DataError(f"{where}: not valid JSON (column {error.colno}: {error.msg})") from None
         rows.append(_row_from_object(value, number, where))
     if not rows:
         raise DataError(f"{path}: holds no rows; add lines such as {{\"text\": \"...\"}} "

@@ -222,7 +222,8 @@ class RunFolder:
         try:
             self.path.mkdir(parents=True, exist_ok=True)
         except OSError as error:
-            raise RunFolderError(f"{self.path}: cannot be created ({error.strerror or error})") from None
+            raise RunFolderError(f"{self.path}: cannot be created ({error.strerror or error}); "
+                                 "choose another --output") from None
         marker = {
             "status": "incomplete",
             "message": "This run has not finished (it is running, or it stopped early). "

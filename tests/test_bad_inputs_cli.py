@@ -1,0 +1,237 @@
+"""Bad inputs to the command line: a non-zero exit, one line naming the problem, nothing half-written.
+
+Each case runs `kbitprep` as a user would, in a subprocess, and is one row of the CLI
+table in docs/bad-inputs.md. What every case must show:
+
+- a non-zero exit status and no Python traceback;
+- exactly one line saying "error", naming the problem (and the file and line where there
+  is one) and what to do;
+- no half-written output: an output folder that did not exist still does not, and one that
+  held a finished run holds exactly what it held before.
+
+The runs are started a few at a time (they spend most of their time importing torch) and
+each test reads its own result.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import json
+import os
+import pathlib
+import shutil
+import string
+import subprocess
+import sys
+from collections.abc import Callable
+
+import pytest
+
+CLI_TIMEOUT_S = 240
+PARALLEL_RUNS = 4  # the runs mostly import torch; a few at a time keeps memory and CPUs in bounds
+
+
+def kbitprep_command() -> list[str]:
+    script = pathlib.Path(sys.executable).with_name("kbitprep")
+    found = str(script) if script.exists() else shutil.which("kbitprep")
+    assert found, "the kbitprep command is not installed (pip install -e .)"
+    return [found]
+
+
+# ---------------------------------------------------------------------------------------------
+# A workspace of good and bad inputs, made once
+
+
+def save_tiny_model(folder: pathlib.Path) -> None:
+    """A tiny Llama with a character-level tokenizer that needs no download."""
+    import torch
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    chars = string.ascii_letters + string.digits + " .,:;!?'\"-"
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3, **{c: i + 4 for i, c in enumerate(chars)}}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")  # one token a character
+    PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                            unk_token="<unk>").save_pretrained(folder)
+    config = LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(folder)
+
+
+def write_lines(path: pathlib.Path, rows: list[dict]) -> pathlib.Path:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    return path
+
+
+GOOD_ROWS = [{"text": f"abc {i} def"} for i in range(6)]
+
+
+@dataclasses.dataclass(frozen=True)
+class Workspace:
+    root: pathlib.Path
+    model: pathlib.Path  # config, weights, tokenizer
+    data: pathlib.Path  # good rows
+
+    def __truediv__(self, name: str) -> pathlib.Path:
+        return self.root / name
+
+
+def make_workspace(root: pathlib.Path) -> Workspace:
+    model = root / "model"
+    save_tiny_model(model)
+    space = Workspace(root, model, write_lines(root / "good.jsonl", GOOD_ROWS))
+
+    (root / "no-config").mkdir()
+    shutil.copy(model / "model.safetensors", root / "no-config" / "model.safetensors")
+    (root / "config-only").mkdir()
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(model / name, root / "config-only" / name)
+    shutil.copytree(model, root / "truncated")
+    weights = (model / "model.safetensors").read_bytes()
+    (root / "truncated" / "model.safetensors").write_bytes(weights[: len(weights) // 2])  # a download cut short
+
+    bad = [json.dumps(row) for row in GOOD_ROWS]
+    bad.insert(3, '{"text": "a quote never closed}')
+    (root / "bad-line.jsonl").write_text("\n".join(bad) + "\n", encoding="utf-8")  # bad line 4 of 7
+    (root / "empty.jsonl").write_bytes(b"")
+    latin1 = [json.dumps(row).encode() for row in GOOD_ROWS]
+    latin1.insert(1, '{"text": "caf\u00e9"}'.encode("latin-1"))
+    (root / "latin1.jsonl").write_bytes(b"\n".join(latin1) + b"\n")  # line 2 is not UTF-8
+    write_lines(root / "long-prompts.jsonl", [{"prompt": "x" * 40, "completion": "yes"} for _ in range(4)])
+
+    finished = root / "finished-run"
+    (finished / "adapter").mkdir(parents=True)
+    (finished / "adapter" / "adapter_model.safetensors").write_bytes(b"weights of a finished run")
+    (finished / "report.json").write_text('{"finished": true}\n', encoding="utf-8")
+    return space
+
+
+def read_only_parent(root: pathlib.Path) -> pathlib.Path:
+    """A folder no run can write into. Permission bits do not bind root, so as root use /sys."""
+    if os.geteuid() == 0:
+        return pathlib.Path("/sys/kbitprep-bad-inputs-test")
+    locked = root / "locked"
+    locked.mkdir(exist_ok=True)
+    locked.chmod(0o555)
+    return locked
+
+
+# ---------------------------------------------------------------------------------------------
+# The cases
+
+
+@dataclasses.dataclass(frozen=True)
+class CliCase:
+    id: str
+    argv: Callable[[Workspace], list[str]]  # arguments after `kbitprep`
+    says: Callable[[Workspace], tuple[str, ...]]  # fragments of the error line
+    output: Callable[[Workspace], pathlib.Path | None] = lambda ws: None  # the --output folder, if any
+
+
+def finetune(model: str | pathlib.Path, data: str | pathlib.Path, output: pathlib.Path, *extra: str) -> list[str]:
+    return ["finetune", str(model), str(data), "--output", str(output), "--max-steps", "1", "--seq-len", "16",
+            *extra]
+
+
+CASES = [
+    CliCase("model-folder-without-config",
+            lambda ws: ["inspect", str(ws / "no-config")],
+            lambda ws: (str(ws / "no-config" / "config.json"), "no such file", "needs config.json")),
+    CliCase("config-without-weights",
+            lambda ws: finetune(ws / "config-only", ws.data, ws / "out-config-only"),
+            lambda ws: (str(ws / "config-only"), "holds no weights", "kbitprep inspect"),
+            lambda ws: ws / "out-config-only"),
+    CliCase("truncated-safetensors",
+            lambda ws: finetune(ws / "truncated", ws.data, ws / "out-truncated"),
+            lambda ws: (str(ws / "truncated" / "model.safetensors"), "damaged or truncated"),
+            lambda ws: ws / "out-truncated"),
+    CliCase("jsonl-bad-line-in-the-middle",
+            lambda ws: finetune(ws.model, ws / "bad-line.jsonl", ws / "out-bad-line"),
+            lambda ws: (f"{ws / 'bad-line.jsonl'}:4", "not valid JSON"),
+            lambda ws: ws / "out-bad-line"),
+    CliCase("empty-data-file",
+            lambda ws: finetune(ws.model, ws / "empty.jsonl", ws / "out-empty"),
+            lambda ws: (str(ws / "empty.jsonl"), "holds no rows"),
+            lambda ws: ws / "out-empty"),
+    CliCase("non-utf8-bytes",
+            lambda ws: finetune(ws.model, ws / "latin1.jsonl", ws / "out-latin1"),
+            lambda ws: (f"{ws / 'latin1.jsonl'}:2", "not UTF-8", "save the file as UTF-8"),
+            lambda ws: ws / "out-latin1"),
+    CliCase("rows-longer-than-seq-len",
+            lambda ws: finetune(ws.model, ws / "long-prompts.jsonl", ws / "out-long"),
+            lambda ws: (str(ws / "long-prompts.jsonl"), "--seq-len 16", "raise --seq-len or shorten the prompts"),
+            lambda ws: ws / "out-long"),
+    CliCase("output-on-read-only-path",
+            lambda ws: finetune(ws.model, ws.data, read_only_parent(ws.root) / "run"),
+            lambda ws: (str(read_only_parent(ws.root) / "run"), "choose another --output"),
+            lambda ws: read_only_parent(ws.root) / "run"),
+    CliCase("output-holds-finished-run",
+            lambda ws: finetune(ws.model, ws.data, ws / "finished-run"),
+            lambda ws: (str(ws / "finished-run"), "finished run", "--overwrite"),
+            lambda ws: ws / "finished-run"),
+    CliCase("unknown-quantize-value",
+            lambda ws: finetune(ws.model, ws.data, ws / "out-nf5", "--quantize", "nf5"),
+            lambda ws: ("--quantize", "nf5", "nf4"),
+            lambda ws: ws / "out-nf5"),
+]
+
+
+def tree(path: pathlib.Path | None) -> dict[str, bytes] | None:
+    """A folder's files and their bytes; None when it does not exist."""
+    if path is None or not path.exists():
+        return None
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+@dataclasses.dataclass(frozen=True)
+class Outcome:
+    returncode: int
+    stdout: str
+    stderr: str
+    output_before: dict[str, bytes] | None
+    output_after: dict[str, bytes] | None
+
+
+def run_case(case: CliCase, space: Workspace, env: dict[str, str]) -> Outcome:
+    before = tree(case.output(space))
+    done = subprocess.run([*kbitprep_command(), *case.argv(space)], cwd=space.root, env=env, text=True,
+                          capture_output=True, timeout=CLI_TIMEOUT_S)
+    return Outcome(done.returncode, done.stdout, done.stderr, before, tree(case.output(space)))
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory: pytest.TempPathFactory) -> Workspace:
+    return make_workspace(tmp_path_factory.mktemp("cli-bad-inputs"))
+
+
+@pytest.fixture(scope="module")
+def outcomes(workspace: Workspace) -> dict[str, Outcome]:
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
+    with concurrent.futures.ThreadPoolExecutor(max_workers=PARALLEL_RUNS) as pool:
+        futures = {case.id: pool.submit(run_case, case, workspace, env) for case in CASES}
+        return {case_id: future.result() for case_id, future in futures.items()}
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda case: case.id)
+def test_bad_cli_input_fails_cleanly(case: CliCase, workspace: Workspace, outcomes: dict[str, Outcome]) -> None:
+    space = workspace
+    outcome = outcomes[case.id]
+    shown = f"exit {outcome.returncode}\n--- stdout\n{outcome.stdout}\n--- stderr\n{outcome.stderr}"
+
+    assert outcome.returncode != 0, shown
+    assert "Traceback" not in outcome.stdout + outcome.stderr, shown
+    error_lines = [line for line in outcome.stderr.splitlines() if "error" in line.lower()]
+    assert len(error_lines) == 1, shown
+    for fragment in case.says(space):
+        assert fragment in error_lines[0], f"{fragment!r} not in the error line\n{shown}"
+    assert outcome.output_after == outcome.output_before, "the output folder was changed or half-written"
+
+
+def test_failed_runs_leave_nothing_behind(workspace: Workspace, outcomes: dict[str, Outcome]) -> None:
+    """No output folder, staging folder or temporary file from any of the failed runs."""
+    made = {"model", "good.jsonl", "no-config", "config-only", "truncated", "bad-line.jsonl",
+            "empty.jsonl", "latin1.jsonl", "long-prompts.jsonl", "finished-run", "locked"}
+    assert {entry.name for entry in workspace.root.iterdir()} <= made
