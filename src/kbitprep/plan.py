@@ -102,6 +102,10 @@ def logical_numel(tensor: torch.Tensor) -> int:
     return int(torch.Size(shape).numel()) if shape is not None else tensor.numel()
 
 
+# (name, parameter, owning module) for each parameter of a model, in `named_parameters` order.
+_Owned = tuple[tuple[str, nn.Parameter, nn.Module], ...]
+
+
 def _owned_parameters(model: nn.Module) -> Iterator[tuple[str, nn.Parameter, nn.Module]]:
     """(name, parameter, owning module), each parameter once, in `named_parameters` order."""
     seen: set[int] = set()
@@ -286,7 +290,7 @@ def _is_peft_model(model: nn.Module) -> bool:
     return peft is not None and isinstance(model, getattr(peft, "PeftModel", ()))
 
 
-def _plan_casts(model: nn.Module, detection: Detection, upcast: str) -> tuple[tuple[Cast, ...], str]:
+def _plan_casts(model: nn.Module, owned: _Owned, detection: Detection, upcast: str) -> tuple[tuple[Cast, ...], str]:
     backend = detection.backend
     if backend is not None and not backend.upcast_allowed:
         return (), f"{backend.name} manages its own precision: nothing is upcast"
@@ -297,7 +301,7 @@ def _plan_casts(model: nn.Module, detection: Detection, upcast: str) -> tuple[tu
     casts = tuple(
         Cast(name, param.dtype, TARGET_DTYPE, param.numel(),
              norm_layer=module_names[id(owner)] if upcast == "norms" else None)
-        for name, param, owner in _owned_parameters(model)
+        for name, param, owner in owned
         if is_plain_tensor(param) and param.dtype in HALF_DTYPES and wants(param, owner)
     )
     rule = {"all": "every float16/bfloat16 parameter -> float32",
@@ -305,15 +309,15 @@ def _plan_casts(model: nn.Module, detection: Detection, upcast: str) -> tuple[tu
     return casts, f"upcast='{upcast}': {rule}"
 
 
-def _count_parameters(model: nn.Module) -> dict[str, int]:
+def _count_parameters(owned: _Owned) -> dict[str, int]:
     counts = {"quantized": 0, "float": 0, "other": 0}
-    for _, param, _ in _owned_parameters(model):
+    for _, param, _ in owned:
         kind = "quantized" if not is_plain_tensor(param) else "float" if param.is_floating_point() else "other"
         counts[kind] += logical_numel(param)
     return counts
 
 
-def _bnb_4bit_layers_without_quant_state(model: nn.Module) -> list[str]:
+def _bnb_4bit_layers_without_quant_state(model: nn.Module, owned: _Owned) -> list[str]:
     """Names of bitsandbytes 4-bit layers (or loose 4-bit weights) whose weight was never quantized.
 
     transformers swaps a layer for a `Linear4bit` before loading; a layer missing from the
@@ -328,7 +332,7 @@ def _bnb_4bit_layers_without_quant_state(model: nn.Module) -> list[str]:
             continue
         if bnb_4bit.owns_class(type(module)) and getattr(weight, "quant_state", None) is None:
             found.append(name or "<root>")
-    for name, param, _ in _owned_parameters(model):
+    for name, param, _ in owned:
         owner = name.rsplit(".", 1)[0] if "." in name else "<root>"
         if getattr(param, "bnb_quantized", True) is False and param.device.type != "meta" and owner not in found:
             found.append(owner)
@@ -352,7 +356,8 @@ def bnb_cpu_inference_layers(model: nn.Module) -> tuple[str, ...]:
                  if getattr(module, "support_avx512bf16_for_cpu", False) or repacked(module))
 
 
-def _model_notices(model: nn.Module, detection: Detection, upcast: str, casts: tuple[Cast, ...]) -> list[Notice]:
+def _model_notices(model: nn.Module, owned: _Owned, detection: Detection, upcast: str,
+                   casts: tuple[Cast, ...]) -> list[Notice]:
     notices: list[Notice] = []
     if _is_peft_model(model):
         notices.append(Notice(
@@ -365,7 +370,7 @@ def _model_notices(model: nn.Module, detection: Detection, upcast: str, casts: t
             f"are cast to float32 (+{cost:,} bytes) and checkpointing stays off, as the seed does. Load it with "
             "a BitsAndBytesConfig for QLoRA, or pass upcast='none' (or use peft.get_peft_model directly).",
             NotQuantizedWarning))
-    unknown = [(name, type(param)) for name, param, _ in _owned_parameters(model)
+    unknown = [(name, type(param)) for name, param, _ in owned
                if quantized_tensor_backend(param) is UNKNOWN_BACKEND]
     if unknown:
         first, cls = unknown[0]
@@ -375,14 +380,14 @@ def _model_notices(model: nn.Module, detection: Detection, upcast: str, casts: t
             f"{len(unknown)} parameter(s) are tensor subclasses kbitprep does not know (first: {first}, a "
             f"{cls.__module__}.{cls.__qualname__}); they are left exactly as they are and never cast.{treated} "
             "If they are not quantized weights, make them plain torch.nn.Parameter before preparing."))
-    storage_dtypes = {p.dtype for _, p, _ in _owned_parameters(model) if not is_plain_tensor(p) and p.is_floating_point()
+    storage_dtypes = {p.dtype for _, p, _ in owned if not is_plain_tensor(p) and p.is_floating_point()
                       and getattr(p, "quant_state", None) is not None}
     if storage_dtypes and casts and upcast == "all":
         notices.append(Notice(
             f"4-bit weights are stored as {sorted(map(_dtype_name, storage_dtypes))} (FSDP-QLoRA quant storage) "
             "but upcast='all' casts other parameters to float32; FSDP cannot flatten mixed dtypes. "
             "Pass upcast='none' to keep one dtype."))
-    unquantized = _bnb_4bit_layers_without_quant_state(model)
+    unquantized = _bnb_4bit_layers_without_quant_state(model, owned)
     if unquantized:
         skip = [name.rsplit(".", 1)[-1] for name in unquantized]
         notices.append(Notice(
@@ -431,22 +436,23 @@ def plan_preparation(
     kwargs = validate_arguments(model, use_gradient_checkpointing, gradient_checkpointing_kwargs,
                                 auto_clear_cache, upcast, every_n_layers, offload)
     detection = detect_quantization(model)
-    casts, cast_reason = _plan_casts(model, detection, upcast)
+    owned = tuple(_owned_parameters(model))  # one walk over the model, shared by every step below
+    casts, cast_reason = _plan_casts(model, owned, detection, upcast)
     checkpointing = plan_checkpointing(
         model, quantized=detection.backend is not None, use_gradient_checkpointing=use_gradient_checkpointing,
         kwargs=kwargs, every_n_layers=every_n_layers, offload=offload,
     )
     keep = _is_peft_model(model)
-    trainable = [name for name, param, _ in _owned_parameters(model) if param.requires_grad]
-    notices = _model_notices(model, detection, upcast, casts)
+    trainable = [name for name, param, _ in owned if param.requires_grad]
+    notices = _model_notices(model, owned, detection, upcast, casts)
     notices += [Notice(message, category) for category, message in checkpointing.warnings]
 
     errors = list(checkpointing.errors)
-    if next(model.parameters(), None) is None:
+    if not owned:
         errors.insert(0, f"{type(model).__name__} has no parameters: there is nothing to prepare or train. "
                          "Pass the model that holds the weights (what from_pretrained returned), not a part of it "
                          "or an empty container.")
-    meta = [name for name, param, _ in _owned_parameters(model) if param.device.type == "meta"]
+    meta = [name for name, param, _ in owned if param.device.type == "meta"]
     if meta:
         errors.insert(0, f"{len(meta)} parameter(s) are on the meta device (first: {meta[0]}): the weights were never "
                          "loaded. Load the model with its weights before preparing it; plan_preparation sizes it as is.")
@@ -458,7 +464,7 @@ def plan_preparation(
         casts=casts,
         frozen=() if keep else tuple(trainable),
         kept_trainable=tuple(trainable) if keep else (),
-        parameter_counts=_count_parameters(model),
+        parameter_counts=_count_parameters(owned),
         training_layout=bnb_cpu_inference_layers(model),
         bytes_before=model_bytes(model),
         checkpointing=checkpointing.plan,
