@@ -74,7 +74,7 @@ def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def tiny_model(workdir: Path) -> Path:
-    from kbitprep.demo import build_tiny_model
+    from kbitprep.app.demo import build_tiny_model
 
     return build_tiny_model(workdir / "tiny-llama", seed=0)
 
@@ -148,9 +148,9 @@ def test_finetune_prompt_completion_adapter_reloads_with_the_reported_loss(
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     from kbitprep import prepare_model_for_kbit_training
-    from kbitprep.data import read_jsonl, tokenize_rows
-    from kbitprep.finetune import batch_loss, first_batch
-    from kbitprep.loading import load_quantized_model, load_tokenizer
+    from kbitprep.app.data import read_jsonl, tokenize_rows
+    from kbitprep.app.finetune import batch_loss, first_batch
+    from kbitprep.app.loading import load_quantized_model, load_tokenizer
 
     report = report_of(finished_run)
     assert report["status"] == "finished" and report["steps"] == 30
@@ -307,7 +307,7 @@ RESUMABLE = ["--max-steps", "120", "--save-steps", "10", "--lora-dropout", "0.1"
 
 @pytest.mark.slow
 def test_sigkill_then_resume_equals_an_uninterrupted_run(workdir: Path, tiny_model: Path, prompt_data: Path) -> None:
-    from kbitprep.finetune import FinetuneError, FinetuneSettings, finetune
+    from kbitprep.app.finetune import FinetuneError, FinetuneSettings, finetune
 
     killed = workdir / "killed"
     process = subprocess.Popen([*COMMAND, "finetune", str(tiny_model), str(prompt_data), "--output", str(killed),
@@ -377,7 +377,7 @@ def test_torchrun_two_processes_write_one_adapter(workdir: Path, tiny_model: Pat
 
 def test_debug_shows_the_traceback_instead_of_one_line(workdir: Path, text_data: Path) -> None:
     from kbitprep.cli import main
-    from kbitprep.loading import ModelFolderError
+    from kbitprep.app.loading import ModelFolderError
 
     missing = workdir / "no-such-model"
     with pytest.raises(ModelFolderError, match="no such model folder"):

@@ -26,11 +26,11 @@ _EXIT_INTERRUPTED = 130
 
 def _known_errors() -> tuple[type[BaseException], ...]:
     """Errors that mean "the input or the situation is wrong", not "kbitprep is broken"."""
-    from ..data import DataError
+    from ..app.data import DataError
     from ..errors import GradientFlowError, PreparationError
-    from ..finetune import FinetuneError
-    from ..loading import ModelFolderError
-    from ..outputs import RunFolderError
+    from ..app.finetune import FinetuneError
+    from ..app.loading import ModelFolderError
+    from ..app.outputs import RunFolderError
 
     return (DataError, FinetuneError, ModelFolderError, RunFolderError, PreparationError, GradientFlowError, OSError)
 

@@ -12,7 +12,7 @@ HELP = "fine-tune the embedded tiny model on the embedded data set (CPU, well un
 
 
 def add_parser(commands: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    from ..demo import DEMO_STEPS
+    from ..app.demo import DEMO_STEPS
 
     parser = commands.add_parser("demo", help=HELP, description=HELP[0].upper() + HELP[1:] + ": build a tiny Llama, "
                                  "load it in 4-bit NF4, prepare it, attach LoRA, train, and write the results.")
@@ -24,7 +24,7 @@ def add_parser(commands: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace, console: Console) -> int:
-    from ..demo import run_demo
+    from ..app.demo import run_demo
     from .console import RichObserver, render_finetune_report
 
     console.print("[bold]kbitprep demo[/]: a tiny Llama (2 layers, hidden 64), 4-bit NF4, LoRA, "

@@ -64,7 +64,7 @@ def add_run_options(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace, console: Console) -> int:
-    from ..finetune import FinetuneSettings, finetune
+    from ..app.finetune import FinetuneSettings, finetune
     from .console import RichObserver, render_finetune_report
 
     settings = FinetuneSettings(

@@ -24,7 +24,7 @@ def add_parser(commands: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace, console: Console) -> int:
-    from ..inspection import inspect_model
+    from ..app.inspection import inspect_model
     from .console import render_inspect_report
 
     report = inspect_model(args.model, quantize=args.quantize, meta=args.meta)

@@ -6,7 +6,7 @@
 
 Everything that can be checked before loading a model is checked first (options, the
 model folder, every line of the data), so a typo costs seconds and writes nothing.
-The run folder is managed by `kbitprep.outputs`: it is marked INCOMPLETE until the last
+The run folder is managed by `kbitprep.app.outputs`: it is marked INCOMPLETE until the last
 file is in place, checkpoints count only once their completeness marker is written, and
 `resume=True` continues from the newest complete one.
 
@@ -34,13 +34,13 @@ from .loading import check_model_folder, compute_dtype, error_summary, load_quan
 from .outputs import (ADAPTER_DIR, LOSS_PLOT, REPORT, RunFolder, atomic_directory, atomic_write_bytes,
                       checkpoint_step)
 from .quiet import without_log_notes
-from .sizing import QUANTIZE_CHOICES
+from ..sizing import QUANTIZE_CHOICES
 
 if TYPE_CHECKING:
     import torch
     from torch import nn
 
-    from .plan import PreparationPlan
+    from ..plan import PreparationPlan
 
 __all__ = [
     "FinetuneError",
@@ -117,7 +117,7 @@ class FinetuneSettings:
 
     def check(self) -> None:
         """Raise `FinetuneError` naming the first setting that is out of range."""
-        from .plan import UPCAST_POLICIES
+        from ..plan import UPCAST_POLICIES
 
         rules: list[tuple[bool, str]] = [
             (self.quantize in QUANTIZE_CHOICES,
@@ -534,9 +534,9 @@ def _train_quietly(settings: FinetuneSettings, rows: Sequence[Row], folder: RunF
     import torch
     from transformers import PrinterCallback, Trainer, set_seed
 
-    from .apply import apply_plan
-    from .errors import NotQuantizedWarning
-    from .plan import plan_preparation
+    from ..apply import apply_plan
+    from ..errors import NotQuantizedWarning
+    from ..plan import plan_preparation
 
     timings: dict[str, float] = {}
     started = time.perf_counter()

@@ -14,7 +14,7 @@ import time
 from typing import Any
 
 from .loading import ModelFolderError, check_model_folder, has_weights, load_quantized_model
-from .plan import UPCAST_POLICIES, PreparationPlan, plan_preparation
+from ..plan import UPCAST_POLICIES, PreparationPlan, plan_preparation
 
 __all__ = ["InspectReport", "inspect_model"]
 
@@ -65,7 +65,7 @@ def inspect_model(path: str | os.PathLike[str], *, quantize: str = "nf4", meta: 
     Raises:
         ModelFolderError: the folder or its config.json cannot be used.
     """
-    from .sizing import build_meta_model
+    from ..sizing import build_meta_model
 
     started = time.perf_counter()
     config = check_model_folder(path, need_weights=False)

@@ -116,7 +116,7 @@ def load_quantized_model(model_dir: str | os.PathLike[str], quantize: str, *,
     """
     from transformers import AutoModelForCausalLM
 
-    from .sizing import bnb_config_for
+    from ..sizing import bnb_config_for
 
     config = check_model_folder(model_dir)
     dtype = compute_dtype(config)
@@ -163,8 +163,8 @@ def keep_bnb_training_layout(model: nn.Module) -> nn.Module:
     doing it at load time as well keeps a sample generated before preparation from
     repacking the weights, which preparation could only undo approximately.
     """
-    from .apply import restore_training_layout
-    from .plan import bnb_cpu_inference_layers
+    from ..apply import restore_training_layout
+    from ..plan import bnb_cpu_inference_layers
 
     restore_training_layout(model, bnb_cpu_inference_layers(model))
     return model
