@@ -3,6 +3,8 @@ transformers knows, and models quantized by hand (found from their tensors and l
 
 from __future__ import annotations
 
+import ast
+import pathlib
 import warnings
 
 import pytest
@@ -10,6 +12,7 @@ import torch
 from torch import nn
 from transformers.utils.quantization_config import QuantizationMethod
 
+import kbitprep.backends
 from conftest import attach_lora, model_state, run_reference
 from kbitprep import (
     BACKENDS,
@@ -19,6 +22,8 @@ from kbitprep import (
     prepare_model_for_kbit_training,
     verify_gradient_flow,
 )
+from kbitprep.backends import Backend, BackendBehaviour
+from kbitprep.diagnostics import warning_code
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -75,7 +80,7 @@ def test_methods_beyond_the_seed_are_recognised_and_not_upcast(zoo) -> None:
         assert model_state(model) == before
         assert plan.detection.backend is not None and plan.detection.backend.method == method.value, method
         assert plan.casts == () and plan.checkpointing.enabled, method
-        assert not any("not quantized" in message for message in plan.warnings)
+        assert "not-quantized" not in plan.codes
 
 
 def test_bitsandbytes_found_from_layers_without_flags(zoo) -> None:
@@ -120,3 +125,60 @@ def test_unknown_tensor_subclass_is_never_cast() -> None:
         prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     assert type(model[1].weight) is _ForeignParameter and model[1].weight.dtype == torch.float16
     assert not any(p.requires_grad for p in model.parameters())
+
+
+# ---------------------------------------------------------------- behaviour behind the table
+
+
+class _ToyBehaviour(BackendBehaviour):
+    """A backend with behaviour: a warning of its own and a training-layout fix on one layer."""
+
+    def diagnostics(self, model, parameters, *, upcast, casts):
+        return [_TOY_WARNING(f"toy layers: {len(parameters)} parameters, upcast={upcast}, {casts} casts")]
+
+    def training_layout(self, model):
+        return tuple(name for name, module in model.named_modules() if isinstance(module, nn.Linear))
+
+    def describe_training_layout(self, layers):
+        return "toy layout", f"{len(layers)} toy layers"
+
+    def restore_training_layout(self, model, layers):
+        modules = dict(model.named_modules())
+        for name in layers:
+            modules[name].toy_training_layout = True
+
+
+_TOY_WARNING = warning_code("toy-backend-test", "a test backend's own warning (tests/test_backends.py only)")
+
+
+def test_a_new_backend_is_a_row_and_plan_and_apply_call_its_behaviour(monkeypatch: pytest.MonkeyPatch) -> None:
+    row = Backend("toy", "toy", upcast_allowed=True, flags=("is_toy_quantized",), behaviour=_ToyBehaviour())
+    monkeypatch.setattr(kbitprep.backends, "BACKENDS", (*kbitprep.backends.BACKENDS, row))
+    model = nn.Sequential(nn.Embedding(8, 4), nn.Linear(4, 4)).to(torch.float16)
+    model.is_toy_quantized = True
+
+    plan = plan_preparation(model, use_gradient_checkpointing=False)
+    assert plan.detection.backend is row and len(plan.casts) == 3
+    assert plan.codes == ("toy-backend-test",)
+    assert plan.warnings == ("toy layers: 3 parameters, upcast=all, 3 casts",)
+    assert plan.training_layout == ("1",) and "toy layout" in str(plan)
+    assert not hasattr(model[1], "toy_training_layout")  # planning only reads
+    with pytest.warns(KbitPrepWarning, match="toy layers") as caught:
+        prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    assert [w.message.code for w in caught] == ["toy-backend-test"]
+    assert model[1].toy_training_layout is True
+    assert not hasattr(model[0], "toy_training_layout")
+
+
+@pytest.mark.parametrize("module", ["plan", "apply"])
+def test_plan_and_apply_never_name_a_backend(module: str) -> None:
+    """Backend-specific code lives in kbitprep/backends/: plan and apply ask the detected row."""
+    source = (pathlib.Path(kbitprep.__file__).parent / f"{module}.py").read_text(encoding="utf-8")
+    tree = ast.parse(source)
+    imported = {node.module or "" for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    imported |= {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+    names = {node.id for node in ast.walk(tree) if isinstance(node, ast.Name)}
+    names |= {node.attr for node in ast.walk(tree) if isinstance(node, ast.Attribute)}
+    names |= {node.name for node in ast.walk(tree) if isinstance(node, (ast.FunctionDef, ast.ClassDef))}
+    assert not [name for name in imported if "bitsandbytes" in name], imported
+    assert not [name for name in names if "bnb" in name.lower() or "bitsandbytes" in name.lower()]

@@ -123,7 +123,7 @@ class ErrorCase:
     error: type[Exception]
     problem: tuple[str, ...]
     fix: tuple[str, ...]
-    planning_raises: bool = True  # plan_preparation raises too (argument errors); else it reports plan.errors
+    code: str | None = None  # argument errors: plan_preparation raises too; else the code the plan reports
 
 
 def meta_llama(_: pathlib.Path) -> nn.Module:
@@ -151,15 +151,15 @@ ERROR_CASES = [
               ("not tuple", "(model, tokenizer)"), ("unpack it and pass the model",)),
     ErrorCase("no-parameters", lambda p: nn.Sequential(nn.ReLU()), {}, PreparationError,
               ("Sequential has no parameters", "nothing was changed"), ("Pass the model that holds the weights",),
-              planning_raises=False),
+              code="no-parameters"),
     ErrorCase("buffers-only", lambda p: nn.BatchNorm1d(4, affine=False), {}, PreparationError,
-              ("BatchNorm1d has no parameters",), ("Pass the model that holds the weights",), planning_raises=False),
+              ("BatchNorm1d has no parameters",), ("Pass the model that holds the weights",), code="no-parameters"),
     ErrorCase("meta-device", meta_llama, {}, PreparationError,
               ("meta device", "model.embed_tokens.weight", "never loaded"), ("Load the model with its weights",),
-              planning_raises=False),
+              code="meta-device"),
     ErrorCase("meta-device-4bit-skeleton", lambda p: build_meta_model(tiny_llama_config(), quantize="nf4"), {},
               PreparationError, ("meta device", "never loaded"), ("Load the model with its weights",),
-              planning_raises=False),
+              code="meta-device"),
     ErrorCase("kwargs-not-dict-list", load_4bit, {"gradient_checkpointing_kwargs": [("use_reentrant", False)]},
               TypeError, ("gradient_checkpointing_kwargs must be a dict", "not list"), ("{'use_reentrant': False}",)),
     ErrorCase("kwargs-not-dict-str", load_4bit, {"gradient_checkpointing_kwargs": "use_reentrant=False"},
@@ -187,12 +187,12 @@ ERROR_CASES = [
     ErrorCase("every-n-layers-bool", load_4bit, {"every_n_layers": True}, ValueError, ("True",), ("whole number",)),
     ErrorCase("cannot-checkpoint-plain-module", lambda p: HoldsLinear4bit(), {}, PreparationError,
               ("HoldsLinear4bit has no gradient checkpointing method",), ("use_gradient_checkpointing=False",),
-              planning_raises=False),
+              code="cannot-checkpoint"),
     ErrorCase("supports-gradient-checkpointing-false", no_checkpointing_llama, {}, PreparationError,
               ("does not support gradient checkpointing",), ("use_gradient_checkpointing=False",),
-              planning_raises=False),
+              code="cannot-checkpoint"),
     ErrorCase("no-input-embeddings-reentrant", lambda p: NoInputEmbeddings(), {}, PreparationError,
-              ("exposes no input embeddings",), ("{'use_reentrant': False}",), planning_raises=False),
+              ("exposes no input embeddings",), ("{'use_reentrant': False}",), code="no-input-embeddings"),
 ]
 
 
@@ -217,13 +217,17 @@ def test_bad_input_raises_clear_error_and_changes_nothing(case: ErrorCase, llama
     if before is not None:
         assert model_state(model) == before
 
-    if case.planning_raises:
+    if case.code is None:
         with pytest.raises(case.error, match="."):
             plan_preparation(model, **case.kwargs)
-    else:  # planning a model that cannot be prepared works and lists the same problem
+    else:  # planning a model that cannot be prepared works and lists the same problem, by code
+        assert [problem.code for problem in excinfo.value.problems] == [case.code]
         plan = plan_preparation(model, **case.kwargs)
-        assert any(case.problem[0] in error for error in plan.errors), plan.errors
-        assert json.loads(json.dumps(plan.to_dict()))["errors"] == list(plan.errors)
+        errors = [d for d in plan.diagnostics if d.severity == "error"]
+        assert errors == list(excinfo.value.problems)
+        data = json.loads(json.dumps(plan.to_dict()))
+        assert data["errors"] == list(plan.errors) == [excinfo.value.problems[0].message]
+        assert {"code": case.code, "severity": "error", "message": plan.errors[0]} in data["diagnostics"]
         assert "error" in str(plan)
         assert model_state(model) == before
 
@@ -238,7 +242,7 @@ def test_meta_device_model_is_planned_and_sized(llama_dir: pathlib.Path) -> None
     # A 4-bit skeleton on meta holds no quantized data either, and that is expected there: no warning about it.
     skeleton = plan_preparation(build_meta_model(tiny_llama_config(), quantize="nf4"))
     assert skeleton.quantization == "bitsandbytes-4bit"
-    assert not [w for w in skeleton.warnings if "hold no quantized weights" in w], skeleton.warnings
+    assert skeleton.codes == ("meta-device",), skeleton.diagnostics
 
 
 def test_cannot_checkpoint_model_prepares_without_checkpointing() -> None:
@@ -269,10 +273,11 @@ def prepare_recording(model: nn.Module, **kwargs: Any) -> list[warnings.WarningM
     return list(caught)
 
 
-def only_warning(caught: list[warnings.WarningMessage], category: type[Warning]) -> str:
+def only_warning(caught: list[warnings.WarningMessage], category: type[Warning], code: str) -> str:
     ours = [w for w in caught if issubclass(w.category, KbitPrepWarning)]
     assert len(ours) == 1, [str(w.message) for w in caught]
     assert ours[0].category is category
+    assert ours[0].message.code == code
     assert ours[0].filename == __file__, "the warning should point at the caller's line"
     return str(ours[0].message)
 
@@ -287,7 +292,7 @@ def test_peft_model_warns_and_keeps_adapters_trainable(llama_dir: pathlib.Path) 
     assert adapters and all("lora_" in name for name in adapters)
     model.base_model.model.lm_head.weight.requires_grad_(True)  # a base weight someone left trainable
 
-    message = only_warning(prepare_recording(model), KbitPrepWarning)
+    message = only_warning(prepare_recording(model), KbitPrepWarning, "peft-model")
 
     assert_message(message, ("PeftModel",), ("Prepare the base model first", "get_peft_model"))
     assert sorted(name for name, p in model.named_parameters() if p.requires_grad) == sorted(
@@ -318,7 +323,7 @@ def test_unknown_tensor_subclass_is_never_cast_and_named(llama_dir: pathlib.Path
     layer.weight = nn.Parameter(layer.weight.detach().clone().as_subclass(TagTensor), requires_grad=False)
     weight, pointer = layer.weight, layer.weight.data_ptr()
 
-    message = only_warning(prepare_recording(model), KbitPrepWarning)
+    message = only_warning(prepare_recording(model), KbitPrepWarning, "unknown-tensor-subclass")
 
     assert_message(message, ("model.layers.0.mlp.up_proj.weight", "TagTensor", "never cast"),
                    ("plain torch.nn.Parameter",))
@@ -338,7 +343,7 @@ def test_bnb_4bit_head_without_quantized_weights_names_skip_modules(llama_dir: p
         model = AutoModelForSequenceClassification.from_pretrained(llama_dir, quantization_config=config, num_labels=2)
     assert isinstance(model.score, bnb.nn.Linear4bit) and getattr(model.score.weight, "quant_state", None) is None
 
-    message = only_warning(prepare_recording(model), KbitPrepWarning)
+    message = only_warning(prepare_recording(model), KbitPrepWarning, "bnb-unquantized-4bit-layers")
 
     assert_message(message, ("hold no quantized weights", "score", "quantization state not initialized"),
                    ("llm_int8_skip_modules=['score']",))
@@ -356,7 +361,7 @@ def test_not_quantized_model_warns_with_cost_and_alternatives(llama_dir: pathlib
     model = LlamaForCausalLM.from_pretrained(llama_dir, dtype=torch.float16)
     cost = plan_preparation(model).bytes_after - plan_preparation(model).bytes_before
 
-    message = only_warning(prepare_recording(model), NotQuantizedWarning)
+    message = only_warning(prepare_recording(model), NotQuantizedWarning, "not-quantized")
 
     assert_message(message, ("not quantized", f"+{cost:,} bytes"), ("BitsAndBytesConfig", "upcast='none'"))
     assert cost > 0 and {p.dtype for p in model.parameters()} == {torch.float32}
@@ -365,7 +370,7 @@ def test_not_quantized_model_warns_with_cost_and_alternatives(llama_dir: pathlib
 
 def test_float_quant_storage_with_upcast_all_warns_about_fsdp(llama_dir: pathlib.Path) -> None:
     model = load_4bit(llama_dir, bnb_4bit_quant_storage=torch.bfloat16)
-    message = only_warning(prepare_recording(model), KbitPrepWarning)
+    message = only_warning(prepare_recording(model), KbitPrepWarning, "bnb-quant-storage-with-upcast")
     assert_message(message, ("stored as ['bfloat16']", "FSDP"), ("upcast='none'",))
 
     quiet = load_4bit(llama_dir, bnb_4bit_quant_storage=torch.bfloat16)
@@ -397,5 +402,6 @@ def test_offload_without_accelerator_warns_and_is_ignored(llama_dir: pathlib.Pat
     caught = prepare_recording(model, offload=True)
     messages = [str(w.message) for w in caught]
     assert len(caught) == 1 and caught[0].filename == __file__, messages
+    assert caught[0].message.code == "offload-without-accelerator"
     assert_message(messages[0], ("offload=True needs an accelerator",), ("offload ignored",))
     assert plan_preparation(model, offload=True).checkpointing.offload is False

@@ -118,6 +118,7 @@ def test_plan_golden_tiny_llama_4bit(zoo) -> None:
                           "disables_use_cache": True},
         "warnings": [],
         "errors": [],
+        "diagnostics": [],
         # bitsandbytes repacks 4-bit weights for inference only on CPUs with AVX512-BF16.
         "training_layout": [f"model.layers.0.{layer}" for layer in
                             ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
@@ -308,7 +309,7 @@ def test_not_quantized_model_warns_and_says_what_to_do(zoo) -> None:
     model = zoo.load("llama", "bf16")
     plan = plan_preparation(model)
     assert plan.quantization is None and not plan.checkpointing.enabled
-    assert any("not quantized" in message for message in plan.warnings)
+    assert plan.codes == ("not-quantized",)
     with pytest.warns(NotQuantizedWarning, match="BitsAndBytesConfig"):
         prepare_model_for_kbit_training(model)
     assert {p.dtype for p in model.parameters()} == {torch.float32}

@@ -8,11 +8,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from .backends import detect_quantization
 from .checkpointing import enable_checkpointing
 from .errors import PreparationError
 from .plan import PreparationPlan, plan_preparation
 
-__all__ = ["apply_plan", "prepare_model_for_kbit_training", "restore_training_layout"]
+__all__ = ["apply_plan", "keep_training_layout", "prepare_model_for_kbit_training"]
 
 _NORM_HOOKS_ATTR = "_kbitprep_norm_hooks"
 
@@ -54,24 +55,17 @@ def _add_norm_hooks(model: nn.Module, plan: PreparationPlan) -> None:
                 (module.register_forward_pre_hook(before), module.register_forward_hook(after)))
 
 
-def restore_training_layout(model: nn.Module, layer_names: tuple[str, ...]) -> None:
-    """Keep bitsandbytes 4-bit weights in the layout that autograd can train through.
+def keep_training_layout(model: nn.Module) -> nn.Module:
+    """Switch the model's quantized layers to the layout autograd can train through, now; returns `model`.
 
-    Switches off the CPU inference repacking of each named layer and unpacks a weight that
-    was already repacked (a forward in eval mode ran before preparation, e.g. a sample
-    generation); see `plan.bnb_cpu_inference_layers` for why.
+    Preparation does this too; doing it right after loading as well keeps a forward in
+    eval mode before preparation (a sample generation) from changing the weights' layout,
+    which preparation could only undo approximately. What it does is the detected
+    backend's (`BackendBehaviour.training_layout`); for most backends, nothing.
     """
-    modules = dict(model.named_modules())
-    for name in layer_names:
-        module = modules[name]
-        module.support_avx512bf16_for_cpu = False
-        weight = module.weight
-        # A layer whose weight was never quantized (a new head missing from the checkpoint)
-        # has no quant_state; plan_preparation warns about it by name.
-        if getattr(getattr(weight, "quant_state", None), "packing_format_for_cpu", False):
-            from bitsandbytes.nn.modules import _convert_weight_packed_for_cpu_inverse
-
-            weight.data, weight.quant_state = _convert_weight_packed_for_cpu_inverse(weight.data, weight.quant_state)
+    behaviour = detect_quantization(model).behaviour
+    behaviour.restore_training_layout(model, behaviour.training_layout(model))
+    return model
 
 
 def _clear_accelerator_cache() -> None:
@@ -93,10 +87,12 @@ def apply_plan(model: nn.Module, plan: PreparationPlan, *, auto_clear_cache: boo
     Raises:
         PreparationError: the plan lists errors; the model is left untouched.
     """
-    if plan.errors:
-        raise PreparationError("cannot prepare the model; nothing was changed:\n- " + "\n- ".join(plan.errors))
-    for notice in plan.notices:
-        warnings.warn(notice.message, notice.category, stacklevel=3)
+    problems = [d for d in plan.diagnostics if d.severity == "error"]
+    if problems:
+        raise PreparationError("cannot prepare the model; nothing was changed", problems)
+    for warning in plan.diagnostics:
+        if warning.severity == "warning":
+            warnings.warn(warning.as_warning(), stacklevel=3)
 
     keep = set(plan.kept_trainable)
     for name, param in model.named_parameters():
@@ -108,7 +104,7 @@ def apply_plan(model: nn.Module, plan: PreparationPlan, *, auto_clear_cache: boo
         param = params[cast.name]
         param.data = param.data.to(cast.to_dtype)
     _add_norm_hooks(model, plan)
-    restore_training_layout(model, plan.training_layout)
+    plan.detection.behaviour.restore_training_layout(model, plan.training_layout)
     if plan.casts and auto_clear_cache:
         _clear_accelerator_cache()
 

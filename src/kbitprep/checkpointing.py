@@ -21,6 +21,8 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from .diagnostics import Diagnostic, error_code, warning_code
+
 __all__ = ["CheckpointingPlan", "enable_checkpointing", "has_input_grad_hook", "plan_checkpointing"]
 
 # Options torch.utils.checkpoint.checkpoint accepts (it pops preserve_rng_state from **kwargs).
@@ -36,6 +38,17 @@ _ENABLE_METHODS: tuple[tuple[str, str], ...] = (
 )
 
 _OWN_HOOKS_ATTR = "_kbitprep_input_grad_hooks"
+
+KWARGS_IGNORED = warning_code("checkpointing-kwargs-ignored",
+                              "this transformers takes no checkpointing kwargs; they are ignored", FutureWarning)
+OPTION_UNSUPPORTED = warning_code("checkpointing-option-unsupported",
+                                  "every_n_layers or offload is not supported by this transformers; ignored",
+                                  UserWarning)
+OFFLOAD_WITHOUT_ACCELERATOR = warning_code("offload-without-accelerator",
+                                           "offload=True without an accelerator to offload from; ignored", UserWarning)
+CANNOT_CHECKPOINT = error_code("cannot-checkpoint", "the model has no (supported) gradient checkpointing method")
+NO_INPUT_EMBEDDINGS = error_code("no-input-embeddings",
+                                 "reentrant checkpointing needs input embeddings the model does not expose")
 
 # Checkpoint options that are switches; torch tests them for truth, so "False" would mean True.
 _BOOL_OPTIONS: frozenset[str] = frozenset({"use_reentrant", "preserve_rng_state", "debug", "early_stop"})
@@ -80,8 +93,8 @@ def _jsonable(value: Any) -> Any:
 @dataclasses.dataclass(frozen=True)
 class _Findings:
     plan: CheckpointingPlan
-    warnings: tuple[tuple[type[Warning], str], ...] = ()
-    errors: tuple[str, ...] = ()
+    warnings: tuple[Diagnostic, ...] = ()
+    errors: tuple[Diagnostic, ...] = ()
 
 
 def validate_checkpointing_kwargs(kwargs: object) -> dict[str, Any]:
@@ -147,36 +160,38 @@ def plan_checkpointing(
         what = "has no gradient checkpointing method" if found is None else "does not support gradient checkpointing"
         return _Findings(
             CheckpointingPlan(False, f"{type(model).__name__} {what}"),
-            errors=(f"{type(model).__name__} {what}. Pass use_gradient_checkpointing=False to prepare it "
-                    "without checkpointing (activations then take more memory).",),
+            errors=(CANNOT_CHECKPOINT(f"{type(model).__name__} {what}. Pass use_gradient_checkpointing=False to "
+                                      "prepare it without checkpointing (activations then take more memory)."),),
         )
     method, kwargs_name = found
     accepted = inspect.signature(getattr(model, method)).parameters
-    warnings: list[tuple[type[Warning], str]] = []
-    errors: list[str] = []
+    warnings: list[Diagnostic] = []
+    errors: list[Diagnostic] = []
 
     resolved = dict(kwargs)
     resolved.setdefault("use_reentrant", True)
     input_grad_hook = bool(resolved["use_reentrant"])
     if kwargs_name not in accepted:
         if kwargs:
-            warnings.append((FutureWarning,
-                             f"{method} of this transformers version takes no checkpointing kwargs; {dict(kwargs)} "
-                             "ignored. Upgrade transformers to pass them."))
+            warnings.append(KWARGS_IGNORED(
+                f"{method} of this transformers version takes no checkpointing kwargs; {dict(kwargs)} "
+                "ignored. Upgrade transformers to pass them."))
         resolved = {}
     if input_grad_hook and _input_embeddings(model) is None:
-        errors.append(f"{type(model).__name__} exposes no input embeddings to make their output require grad, "
-                      "which reentrant checkpointing needs. Pass gradient_checkpointing_kwargs={'use_reentrant': False}.")
+        errors.append(NO_INPUT_EMBEDDINGS(
+            f"{type(model).__name__} exposes no input embeddings to make their output require grad, which "
+            "reentrant checkpointing needs. Pass gradient_checkpointing_kwargs={'use_reentrant': False}."))
 
     for option, value, default in (("every_n_layers", every_n_layers, 1), ("offload", offload, False)):
         if value != default and option not in accepted:
-            warnings.append((UserWarning, f"{option}={value!r} is not supported by {method} of this transformers "
-                                          f"version; ignored. Upgrade transformers to use it."))
+            warnings.append(OPTION_UNSUPPORTED(f"{option}={value!r} is not supported by {method} of this "
+                                               "transformers version; ignored. Upgrade transformers to use it."))
     if offload and "offload" in accepted and not _accelerator_available():
         # transformers pins the saved activations in host memory, and pinning needs an
         # accelerator: without one the first checkpointed forward raises deep inside torch.
-        warnings.append((UserWarning, "offload=True needs an accelerator (CUDA, XPU, ...) to offload from, and none "
-                                      "is available: activations already live in host memory; offload ignored."))
+        warnings.append(OFFLOAD_WITHOUT_ACCELERATOR(
+            "offload=True needs an accelerator (CUDA, XPU, ...) to offload from, and none "
+            "is available: activations already live in host memory; offload ignored."))
         offload = False
     config = getattr(model, "config", None)
     plan = CheckpointingPlan(

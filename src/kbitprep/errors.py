@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .diagnostics import Diagnostic
+
 
 class KbitPrepError(Exception):
     """Base of every error kbitprep raises: the message names the problem and the fix."""
@@ -18,8 +24,21 @@ class NotQuantizedWarning(KbitPrepWarning):
 class PreparationError(KbitPrepError, ValueError):
     """The model cannot be prepared as asked; nothing was changed.
 
-    The message names every problem found and what to do about it.
+    The message names every problem found and what to do about it, one per line.
+
+    Args:
+        headline (str): what happened, e.g. "cannot prepare the model; nothing was changed".
+        problems (Sequence[Diagnostic]): the errors found, each with its code.
     """
+
+    def __init__(self, headline: str, problems: Sequence[Diagnostic] = ()) -> None:
+        self.headline = headline
+        self.problems = tuple(problems)
+        super().__init__("\n- ".join(self.lines()))
+
+    def lines(self) -> list[str]:
+        """The headline, then each problem's message."""
+        return [self.headline + (":" if self.problems else ""), *(p.message for p in self.problems)]
 
 
 class GradientFlowError(KbitPrepError, RuntimeError):

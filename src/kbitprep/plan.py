@@ -36,9 +36,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from .backends import BACKENDS, UNKNOWN_BACKEND, Detection, detect_quantization, is_plain_tensor, quantized_tensor_backend
+from .backends import UNKNOWN_BACKEND, Detection, detect_quantization, quantized_tensor_backend
+from .backends.base import OwnedParameter, is_plain_tensor
 from .checkpointing import CheckpointingPlan, plan_checkpointing, validate_checkpointing_kwargs
-from .errors import KbitPrepWarning, NotQuantizedWarning
+from .diagnostics import Diagnostic, error_code, warning_code
+from .errors import NotQuantizedWarning
 
 __all__ = [
     "Cast",
@@ -46,7 +48,6 @@ __all__ = [
     "PreparationPlan",
     "UPCAST_POLICIES",
     "is_norm_layer",
-    "logical_numel",
     "model_bytes",
     "plan_preparation",
     "tensor_bytes",
@@ -96,17 +97,18 @@ def tensor_bytes(tensor: torch.Tensor) -> int:
     return tensor.numel() * tensor.element_size()
 
 
-def logical_numel(tensor: torch.Tensor) -> int:
-    """Number of values a tensor represents: packed 4-bit storage counts as its unpacked shape."""
-    shape = getattr(getattr(tensor, "quant_state", None), "shape", None)
-    return int(torch.Size(shape).numel()) if shape is not None else tensor.numel()
-
-
 # (name, parameter, owning module) for each parameter of a model, in `named_parameters` order.
-_Owned = tuple[tuple[str, nn.Parameter, nn.Module], ...]
+_Owned = tuple[OwnedParameter, ...]
+
+PEFT_MODEL = warning_code("peft-model", "the model is a PeftModel: its adapters stay trainable")
+NOT_QUANTIZED = warning_code("not-quantized", "the model holds no quantized weights", NotQuantizedWarning)
+UNKNOWN_TENSOR_SUBCLASS = warning_code("unknown-tensor-subclass",
+                                       "parameters are tensor subclasses no backend claims; never cast")
+NO_PARAMETERS = error_code("no-parameters", "the model has no parameters to prepare or train")
+META_DEVICE = error_code("meta-device", "parameters are on the meta device: the weights were never loaded")
 
 
-def _owned_parameters(model: nn.Module) -> Iterator[tuple[str, nn.Parameter, nn.Module]]:
+def _owned_parameters(model: nn.Module) -> Iterator[OwnedParameter]:
     """(name, parameter, owning module), each parameter once, in `named_parameters` order."""
     seen: set[int] = set()
     for module_name, module in model.named_modules():
@@ -156,14 +158,6 @@ def _dtype_name(dtype: torch.dtype) -> str:
 
 
 @dataclasses.dataclass(frozen=True)
-class Notice:
-    """A warning the preparation will emit, kept with its category."""
-
-    message: str
-    category: type[Warning] = KbitPrepWarning
-
-
-@dataclasses.dataclass(frozen=True)
 class PreparationPlan:
     """Everything `prepare_model_for_kbit_training` will do to a model, and its cost.
 
@@ -176,14 +170,14 @@ class PreparationPlan:
         casts (tuple[Cast, ...]): the parameters cast to float32.
         frozen (tuple[str, ...]): parameters that require grad now and will be frozen.
         kept_trainable (tuple[str, ...]): parameters left trainable (adapters of a PeftModel).
-        training_layout (tuple[str, ...]): bitsandbytes 4-bit layers whose CPU inference
-            repacking is switched off (and undone, where it already happened).
+        training_layout (tuple[str, ...]): layers the backend switches to a layout autograd
+            can train through (e.g. 4-bit layers that a CPU kernel repacks for inference).
         parameter_counts (dict[str, int]): logical values by kind: quantized, float, other.
         bytes_before (int): parameter + buffer bytes now (shared tensors once).
         checkpointing (CheckpointingPlan): the checkpointing settings.
-        notices (tuple[Notice, ...]): warnings that preparing will emit.
-        errors (tuple[str, ...]): problems that stop `prepare_model_for_kbit_training`
-            before it changes anything.
+        diagnostics (tuple[Diagnostic, ...]): the warnings preparing will emit and the errors
+            that stop `prepare_model_for_kbit_training` before it changes anything, each
+            with its code (docs/diagnostics.md).
     """
 
     detection: Detection
@@ -195,8 +189,7 @@ class PreparationPlan:
     parameter_counts: Mapping[str, int]
     bytes_before: int
     checkpointing: CheckpointingPlan
-    notices: tuple[Notice, ...] = ()
-    errors: tuple[str, ...] = ()
+    diagnostics: tuple[Diagnostic, ...] = ()
     training_layout: tuple[str, ...] = ()
 
     @property
@@ -213,7 +206,18 @@ class PreparationPlan:
 
     @property
     def warnings(self) -> tuple[str, ...]:
-        return tuple(notice.message for notice in self.notices)
+        """The messages of the warnings preparing will emit."""
+        return tuple(d.message for d in self.diagnostics if d.severity == "warning")
+
+    @property
+    def errors(self) -> tuple[str, ...]:
+        """The messages of the problems that stop preparation."""
+        return tuple(d.message for d in self.diagnostics if d.severity == "error")
+
+    @property
+    def codes(self) -> tuple[str, ...]:
+        """The code of every diagnostic, in order."""
+        return tuple(d.code for d in self.diagnostics)
 
     def to_dict(self) -> dict[str, Any]:
         """The plan as JSON-serialisable data."""
@@ -232,6 +236,7 @@ class PreparationPlan:
             "checkpointing": self.checkpointing.to_dict(),
             "warnings": list(self.warnings),
             "errors": list(self.errors),
+            "diagnostics": [d.to_dict() for d in self.diagnostics],
             "training_layout": list(self.training_layout),
         }
 
@@ -309,93 +314,53 @@ def _plan_casts(model: nn.Module, owned: _Owned, detection: Detection, upcast: s
     return casts, f"upcast='{upcast}': {rule}"
 
 
-def _count_parameters(owned: _Owned) -> dict[str, int]:
+def _count_parameters(owned: _Owned, detection: Detection) -> dict[str, int]:
     counts = {"quantized": 0, "float": 0, "other": 0}
     for _, param, _ in owned:
         kind = "quantized" if not is_plain_tensor(param) else "float" if param.is_floating_point() else "other"
-        counts[kind] += logical_numel(param)
+        counts[kind] += detection.behaviour.logical_numel(param)
     return counts
 
 
-def _bnb_4bit_layers_without_quant_state(model: nn.Module, owned: _Owned) -> list[str]:
-    """Names of bitsandbytes 4-bit layers (or loose 4-bit weights) whose weight was never quantized.
-
-    transformers swaps a layer for a `Linear4bit` before loading; a layer missing from the
-    checkpoint (a new classification head) keeps a plain, unquantized weight, and on CPU
-    its first forward fails deep inside bitsandbytes.
-    """
-    bnb_4bit = next(row for row in BACKENDS if row.name == "bitsandbytes-4bit")
-    found: list[str] = []
-    for name, module in model.named_modules():
-        weight = getattr(module, "weight", None)
-        if not isinstance(weight, torch.Tensor) or weight.device.type == "meta":
-            continue
-        if bnb_4bit.owns_class(type(module)) and getattr(weight, "quant_state", None) is None:
-            found.append(name or "<root>")
-    for name, param, _ in owned:
-        owner = name.rsplit(".", 1)[0] if "." in name else "<root>"
-        if getattr(param, "bnb_quantized", True) is False and param.device.type != "meta" and owner not in found:
-            found.append(owner)
-    return found
-
-
-def bnb_cpu_inference_layers(model: nn.Module) -> tuple[str, ...]:
-    """bitsandbytes 4-bit layers that repack their weights for CPU inference, or already have.
-
-    On a CPU with AVX512-BF16, bitsandbytes' `Linear4bit` rewrites its weight for good into
-    a packed inference layout the first time it runs forward in eval mode, and computes
-    with a kernel that has no autograd from then on: every later training step sends
-    silently wrong gradients to the adapters below each frozen layer (torch only warns that
-    "an autograd kernel was not registered"). Preparing for training switches that off.
-    """
-    def repacked(module: nn.Module) -> bool:
-        state = getattr(getattr(module, "weight", None), "quant_state", None)
-        return bool(getattr(state, "packing_format_for_cpu", False))
-
-    return tuple(name for name, module in model.named_modules()
-                 if getattr(module, "support_avx512bf16_for_cpu", False) or repacked(module))
-
-
-def _model_notices(model: nn.Module, owned: _Owned, detection: Detection, upcast: str,
-                   casts: tuple[Cast, ...]) -> list[Notice]:
-    notices: list[Notice] = []
+def _model_warnings(model: nn.Module, owned: _Owned, detection: Detection, upcast: str,
+                    casts: tuple[Cast, ...]) -> list[Diagnostic]:
+    found: list[Diagnostic] = []
     if _is_peft_model(model):
-        notices.append(Notice(
+        found.append(PEFT_MODEL(
             "model is a PeftModel: kbitprep keeps its trainable (adapter) parameters trainable, where the seed "
             "would freeze them. Prepare the base model first, then call peft.get_peft_model."))
     if detection.backend is None:
         cost = sum(cast.bytes_added for cast in casts)
-        notices.append(Notice(
+        found.append(NOT_QUANTIZED(
             f"model is not quantized ({detection.evidence}): it is frozen, {len(casts)} half-precision parameters "
             f"are cast to float32 (+{cost:,} bytes) and checkpointing stays off, as the seed does. Load it with "
-            "a BitsAndBytesConfig for QLoRA, or pass upcast='none' (or use peft.get_peft_model directly).",
-            NotQuantizedWarning))
+            "a BitsAndBytesConfig for QLoRA, or pass upcast='none' (or use peft.get_peft_model directly)."))
     unknown = [(name, type(param)) for name, param, _ in owned
                if quantized_tensor_backend(param) is UNKNOWN_BACKEND]
     if unknown:
         first, cls = unknown[0]
         treated = (" The model is treated as quantized by a backend that keeps its own precision: nothing is upcast."
                    if detection.backend is UNKNOWN_BACKEND else "")
-        notices.append(Notice(
+        found.append(UNKNOWN_TENSOR_SUBCLASS(
             f"{len(unknown)} parameter(s) are tensor subclasses kbitprep does not know (first: {first}, a "
             f"{cls.__module__}.{cls.__qualname__}); they are left exactly as they are and never cast.{treated} "
             "If they are not quantized weights, make them plain torch.nn.Parameter before preparing."))
-    storage_dtypes = {p.dtype for _, p, _ in owned if not is_plain_tensor(p) and p.is_floating_point()
-                      and getattr(p, "quant_state", None) is not None}
-    if storage_dtypes and casts and upcast == "all":
-        notices.append(Notice(
-            f"4-bit weights are stored as {sorted(map(_dtype_name, storage_dtypes))} (FSDP-QLoRA quant storage) "
-            "but upcast='all' casts other parameters to float32; FSDP cannot flatten mixed dtypes. "
-            "Pass upcast='none' to keep one dtype."))
-    unquantized = _bnb_4bit_layers_without_quant_state(model, owned)
-    if unquantized:
-        skip = [name.rsplit(".", 1)[-1] for name in unquantized]
-        notices.append(Notice(
-            f"{len(unquantized)} bitsandbytes 4-bit layer(s) hold no quantized weights (first: {unquantized[0]}); "
-            "their first forward fails with 'quantization state not initialized' on CPU. Usually a newly "
-            "initialised head: keep it out of quantization with "
-            f"BitsAndBytesConfig(llm_int8_skip_modules={sorted(set(skip))!r})."))
-    return notices
+    return found + detection.behaviour.diagnostics(model, owned, upcast=upcast, casts=len(casts))
+
+
+def _model_errors(model: nn.Module, owned: _Owned) -> list[Diagnostic]:
+    found: list[Diagnostic] = []
+    meta = [name for name, param, _ in owned if param.device.type == "meta"]
+    if meta:
+        found.append(META_DEVICE(
+            f"{len(meta)} parameter(s) are on the meta device (first: {meta[0]}): the weights were never "
+            "loaded. Load the model with its weights before preparing it; plan_preparation sizes it as is."))
+    if not owned:
+        found.append(NO_PARAMETERS(
+            f"{type(model).__name__} has no parameters: there is nothing to prepare or train. "
+            "Pass the model that holds the weights (what from_pretrained returned), not a part of it "
+            "or an empty container."))
+    return found
 
 
 def plan_preparation(
@@ -444,18 +409,8 @@ def plan_preparation(
     )
     keep = _is_peft_model(model)
     trainable = [name for name, param, _ in owned if param.requires_grad]
-    notices = _model_notices(model, owned, detection, upcast, casts)
-    notices += [Notice(message, category) for category, message in checkpointing.warnings]
-
-    errors = list(checkpointing.errors)
-    if not owned:
-        errors.insert(0, f"{type(model).__name__} has no parameters: there is nothing to prepare or train. "
-                         "Pass the model that holds the weights (what from_pretrained returned), not a part of it "
-                         "or an empty container.")
-    meta = [name for name, param, _ in owned if param.device.type == "meta"]
-    if meta:
-        errors.insert(0, f"{len(meta)} parameter(s) are on the meta device (first: {meta[0]}): the weights were never "
-                         "loaded. Load the model with its weights before preparing it; plan_preparation sizes it as is.")
+    diagnostics = [*_model_warnings(model, owned, detection, upcast, casts), *checkpointing.warnings,
+                   *_model_errors(model, owned), *checkpointing.errors]
 
     return PreparationPlan(
         detection=detection,
@@ -464,10 +419,9 @@ def plan_preparation(
         casts=casts,
         frozen=() if keep else tuple(trainable),
         kept_trainable=tuple(trainable) if keep else (),
-        parameter_counts=_count_parameters(owned),
-        training_layout=bnb_cpu_inference_layers(model),
+        parameter_counts=_count_parameters(owned, detection),
+        training_layout=detection.behaviour.training_layout(model),
         bytes_before=model_bytes(model),
         checkpointing=checkpointing.plan,
-        notices=tuple(notices),
-        errors=tuple(errors),
+        diagnostics=tuple(diagnostics),
     )

@@ -56,8 +56,7 @@ def format_plan(plan: PreparationPlan) -> str:
         ("checkpointing", checkpointing),
     ]
     if plan.training_layout:
-        rows.append(("4-bit layout", f"CPU inference repacking off for {len(plan.training_layout)} bitsandbytes "
-                                     "layers (its kernel has no autograd)"))
+        rows.append(plan.detection.behaviour.describe_training_layout(plan.training_layout))
     rows += [("warning", message) for message in plan.warnings]
     rows += [("error", message) for message in plan.errors]
     width = max(len(key) for key, _ in rows)

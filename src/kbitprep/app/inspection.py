@@ -14,7 +14,7 @@ import time
 from typing import Any
 
 from .loading import ModelFolderError, check_model_folder, has_weights, load_quantized_model
-from ..plan import UPCAST_POLICIES, PreparationPlan, plan_preparation
+from ..plan import META_DEVICE, UPCAST_POLICIES, PreparationPlan, plan_preparation
 
 __all__ = ["InspectReport", "inspect_model"]
 
@@ -48,7 +48,7 @@ class InspectReport:
 def _without_meta_error(plan: PreparationPlan) -> PreparationPlan:
     # Planning a meta-device skeleton reports that its weights were never loaded, which is
     # the point of sizing from config.json; every other error stays.
-    return dataclasses.replace(plan, errors=tuple(e for e in plan.errors if "on the meta device" not in e))
+    return dataclasses.replace(plan, diagnostics=tuple(d for d in plan.diagnostics if d.code != META_DEVICE.code))
 
 
 def inspect_model(path: str | os.PathLike[str], *, quantize: str = "nf4", meta: bool = False) -> InspectReport:

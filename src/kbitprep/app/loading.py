@@ -25,7 +25,6 @@ __all__ = [
     "compute_dtype",
     "error_summary",
     "has_weights",
-    "keep_bnb_training_layout",
     "load_quantized_model",
     "load_tokenizer",
 ]
@@ -109,7 +108,8 @@ def load_quantized_model(model_dir: str | os.PathLike[str], quantize: str, *,
                          device_index: int | None = None) -> nn.Module:
     """A causal LM from a local folder, loaded as `quantize` says ("nf4", "fp4", "int8", "none").
 
-    bitsandbytes' CPU inference repacking is switched off (see `keep_bnb_training_layout`).
+    Quantized layers are switched to their training layout at once (see
+    `kbitprep.apply.keep_training_layout`: bitsandbytes' CPU inference repacking is switched off).
 
     Raises:
         ModelFolderError: transformers cannot load it (unknown architecture, damaged weights, ...).
@@ -134,7 +134,9 @@ def load_quantized_model(model_dir: str | os.PathLike[str], quantize: str, *,
         damaged = _damaged_weight_file(model_dir)
         where = f"{damaged}: damaged or truncated weight file" if damaged else f"{model_dir}: cannot load the model"
         raise ModelFolderError(f"{where} ({error_summary(error)})") from error
-    return keep_bnb_training_layout(model)
+    from ..apply import keep_training_layout
+
+    return keep_training_layout(model)
 
 
 def _damaged_weight_file(model_dir: str | os.PathLike[str]) -> Path | None:
@@ -154,17 +156,3 @@ def error_summary(error: BaseException) -> str:
     """An exception as one line: its type and the first line of its message."""
     text = str(error).strip().splitlines()
     return f"{type(error).__name__}: {text[0]}" if text else type(error).__name__
-
-
-def keep_bnb_training_layout(model: nn.Module) -> nn.Module:
-    """Stop bitsandbytes from repacking 4-bit weights for CPU inference; returns `model`.
-
-    Preparation does this too (see `plan.bnb_cpu_inference_layers` for why it matters);
-    doing it at load time as well keeps a sample generated before preparation from
-    repacking the weights, which preparation could only undo approximately.
-    """
-    from ..apply import restore_training_layout
-    from ..plan import bnb_cpu_inference_layers
-
-    restore_training_layout(model, bnb_cpu_inference_layers(model))
-    return model

@@ -58,8 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _one_line(error: BaseException) -> str:
-    lines = [line.strip().removeprefix("- ") for line in str(error).splitlines() if line.strip()]
-    return "; ".join(lines) or type(error).__name__
+    # An error listing several problems (PreparationError) hands them over one by one.
+    lines = error.lines() if callable(getattr(error, "lines", None)) else str(error).splitlines()
+    return "; ".join(line.strip() for line in lines if line.strip()) or type(error).__name__
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -9,7 +9,9 @@ passes, and the first pass that finds something wins:
 3. the types of the model's tensors and layers, so that a model quantized by hand,
    outside `from_pretrained`, is recognised too.
 
-Adding a backend is adding a row. Every value of the installed transformers'
+Adding a backend is adding a row; a backend whose plan or preparation needs more than
+data (extra warnings, a training-layout fix) carries a `BackendBehaviour` in its row,
+written in its own module here (see `base.py` and `bitsandbytes.py`). Every value of the installed transformers'
 `QuantizationMethod` that has no row of its own gets a generic one, so a backend that
 transformers learns about later is still recognised (and left at its own precision).
 """
@@ -22,9 +24,13 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
+from .base import NO_BEHAVIOUR, Backend, BackendBehaviour, is_plain_tensor, qualified_name
+from .bitsandbytes import BITSANDBYTES, CLASSES_4BIT, CLASSES_8BIT
+
 __all__ = [
     "BACKENDS",
     "Backend",
+    "BackendBehaviour",
     "Detection",
     "UNKNOWN_BACKEND",
     "detect_quantization",
@@ -33,45 +39,12 @@ __all__ = [
 ]
 
 
-@dataclasses.dataclass(frozen=True)
-class Backend:
-    """One quantization backend.
-
-    Args:
-        name (str): the name kbitprep reports, e.g. ``"bitsandbytes-4bit"``.
-        method (str): transformers' ``QuantizationMethod`` value for it.
-        upcast_allowed (bool): whether half-precision weights of such a model may be cast
-            to float32. Only bitsandbytes computes in the dtype of the tensors around it;
-            every other backend manages its own precision, and its kernels expect the
-            dtypes it chose (the seed's reasoning for gptq/aqlm/eetq/hqq/torchao).
-        flags (tuple[str, ...]): model attributes that, when truthy, mean this backend.
-        packages (tuple[str, ...]): prefixes of the qualified names of the backend's tensor
-            and layer classes (a package such as ``"torchao."`` or one class such as
-            ``"bitsandbytes.nn.modules.Params4bit"``); a parameter or layer whose class, or
-            one of its bases, matches marks the model as quantized by it.
-    """
-
-    name: str
-    method: str
-    upcast_allowed: bool = False
-    flags: tuple[str, ...] = ()
-    packages: tuple[str, ...] = ()
-
-    def owns_class(self, cls: type) -> bool:
-        """Whether `cls` or one of its bases is a class of this backend."""
-        return bool(self.packages) and any(_qualified_name(base).startswith(self.packages) for base in cls.__mro__)
-
-
-def _qualified_name(cls: type) -> str:
-    return f"{cls.__module__}.{cls.__qualname__}"
-
-
 # Order matters only inside pass 3 (first match wins); the flags and method names do not overlap.
 _ROWS: tuple[Backend, ...] = (
     Backend("bitsandbytes-4bit", "bitsandbytes", upcast_allowed=True, flags=("is_loaded_in_4bit",),
-            packages=("bitsandbytes.nn.modules.Params4bit", "bitsandbytes.nn.modules.Linear4bit")),
+            packages=CLASSES_4BIT, behaviour=BITSANDBYTES),
     Backend("bitsandbytes-8bit", "bitsandbytes", upcast_allowed=True, flags=("is_loaded_in_8bit",),
-            packages=("bitsandbytes.nn.modules.Int8Params", "bitsandbytes.nn.modules.Linear8bitLt")),
+            packages=CLASSES_8BIT, behaviour=BITSANDBYTES),
     Backend("gptq", "gptq", packages=("auto_gptq.", "gptqmodel.", "optimum.gptq.")),
     Backend("awq", "awq", packages=("awq.",)),
     Backend("aqlm", "aqlm", packages=("aqlm.",)),
@@ -125,15 +98,10 @@ class Detection:
     def name(self) -> str | None:
         return self.backend.name if self.backend else None
 
-
-def is_plain_tensor(tensor: torch.Tensor) -> bool:
-    """True for an ordinary tensor or `nn.Parameter`, False for any tensor subclass.
-
-    Only plain tensors are ever cast: a subclass (`Params4bit`, `Int8Params`, quanto's
-    `WeightQBytesTensor`, torchao's tensors, ...) has its own storage layout, and
-    rewriting its `.data` corrupts it or raises deep inside the backend.
-    """
-    return type(tensor) in (torch.Tensor, nn.Parameter)
+    @property
+    def behaviour(self) -> BackendBehaviour:
+        """What planning and applying do for the backend; nothing for a model that is not quantized."""
+        return self.backend.behaviour if self.backend else NO_BEHAVIOUR
 
 
 def quantized_tensor_backend(tensor: torch.Tensor) -> Backend | None:
@@ -173,9 +141,9 @@ def _by_method(model: nn.Module) -> Detection | None:
     if method is None:
         return None
     rows = [row for row in BACKENDS if row.method == method]
-    if method == "bitsandbytes":
-        # The flags above did not say which width; the tensors do.
-        return _by_tensors(model) or Detection(rows[0], "quantization_method = bitsandbytes")
+    if len(rows) > 1:
+        # Rows that share a method (bitsandbytes 4-bit and 8-bit): the flags above did not say which; the tensors do.
+        return _by_tensors(model) or Detection(rows[0], f"quantization_method = {method}")
     if rows:
         return Detection(rows[0], f"quantization_method = {method}")
     return Detection(dataclasses.replace(UNKNOWN_BACKEND, name=method, method=method),
@@ -195,11 +163,11 @@ def _by_tensors(model: nn.Module) -> Detection | None:
     for name, cls in _tensors_and_layers(model):
         for row in BACKENDS:
             if row.owns_class(cls):
-                return Detection(row, f"{name} is a {_qualified_name(cls)}")
+                return Detection(row, f"{name} is a {qualified_name(cls)}")
     for name, tensor in model.named_parameters():
         if quantized_tensor_backend(tensor) is UNKNOWN_BACKEND:
             return Detection(UNKNOWN_BACKEND,
-                             f"{name} is a {_qualified_name(type(tensor))}, a tensor subclass kbitprep does not know")
+                             f"{name} is a {qualified_name(type(tensor))}, a tensor subclass kbitprep does not know")
     return None
 
 

@@ -1,0 +1,227 @@
+"""Everything kbitprep does that is specific to bitsandbytes.
+
+- The classes that mark a model as bitsandbytes-quantized (used by the backend table).
+- `BitsAndBytes`, the behaviour of the two bitsandbytes rows: how many values a packed
+  4-bit tensor represents, the warnings about 4-bit layers that cannot train (a weight
+  never quantized, a float quant storage that FSDP cannot mix with float32), and the CPU
+  training layout (see `BitsAndBytes.training_layout`).
+- The `--quantize` choices and the meta-device skeleton that `kbitprep.sizing` builds
+  (`bnb_config_for`, `quantize_skeleton`).
+
+bitsandbytes itself is imported only inside functions, where it is really used.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..diagnostics import Diagnostic, warning_code
+from .base import BackendBehaviour, OwnedParameter, class_matches, is_plain_tensor
+
+__all__ = [
+    "BITSANDBYTES",
+    "CLASSES_4BIT",
+    "CLASSES_8BIT",
+    "QUANTIZE_CHOICES",
+    "BitsAndBytes",
+    "bnb_config_for",
+    "quantize_skeleton",
+]
+
+CLASSES_4BIT = ("bitsandbytes.nn.modules.Params4bit", "bitsandbytes.nn.modules.Linear4bit")
+CLASSES_8BIT = ("bitsandbytes.nn.modules.Int8Params", "bitsandbytes.nn.modules.Linear8bitLt")
+
+QUANT_STORAGE_WITH_UPCAST = warning_code(
+    "bnb-quant-storage-with-upcast",
+    "4-bit weights stored in a float dtype (FSDP-QLoRA) while upcast='all' casts others to float32")
+UNQUANTIZED_4BIT_LAYERS = warning_code(
+    "bnb-unquantized-4bit-layers",
+    "bitsandbytes 4-bit layers hold weights that were never quantized (usually a new head)")
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+class BitsAndBytes(BackendBehaviour):
+    """The behaviour of the bitsandbytes 4-bit and 8-bit rows (their checks look for 4-bit layers)."""
+
+    def logical_numel(self, tensor: torch.Tensor) -> int:
+        # Packed 4-bit storage holds two values per byte; its quant state keeps the real shape.
+        shape = getattr(getattr(tensor, "quant_state", None), "shape", None)
+        return int(torch.Size(shape).numel()) if shape is not None else tensor.numel()
+
+    def diagnostics(self, model: nn.Module, parameters: Sequence[OwnedParameter], *, upcast: str,
+                    casts: int) -> list[Diagnostic]:
+        found: list[Diagnostic] = []
+        storage_dtypes = {p.dtype for _, p, _ in parameters if not is_plain_tensor(p) and p.is_floating_point()
+                          and getattr(p, "quant_state", None) is not None}
+        if storage_dtypes and casts and upcast == "all":
+            found.append(QUANT_STORAGE_WITH_UPCAST(
+                f"4-bit weights are stored as {sorted(map(_dtype_name, storage_dtypes))} (FSDP-QLoRA quant storage) "
+                "but upcast='all' casts other parameters to float32; FSDP cannot flatten mixed dtypes. "
+                "Pass upcast='none' to keep one dtype."))
+        unquantized = _4bit_layers_without_quant_state(model, parameters)
+        if unquantized:
+            skip = [name.rsplit(".", 1)[-1] for name in unquantized]
+            found.append(UNQUANTIZED_4BIT_LAYERS(
+                f"{len(unquantized)} bitsandbytes 4-bit layer(s) hold no quantized weights (first: {unquantized[0]}); "
+                "their first forward fails with 'quantization state not initialized' on CPU. Usually a newly "
+                "initialised head: keep it out of quantization with "
+                f"BitsAndBytesConfig(llm_int8_skip_modules={sorted(set(skip))!r})."))
+        return found
+
+    def training_layout(self, model: nn.Module) -> tuple[str, ...]:
+        """4-bit layers that repack their weights for CPU inference, or already have.
+
+        On a CPU with AVX512-BF16, bitsandbytes' `Linear4bit` rewrites its weight for good into
+        a packed inference layout the first time it runs forward in eval mode, and computes
+        with a kernel that has no autograd from then on: every later training step sends
+        silently wrong gradients to the adapters below each frozen layer (torch only warns that
+        "an autograd kernel was not registered"). Preparing for training switches that off.
+        """
+        def repacked(module: nn.Module) -> bool:
+            state = getattr(getattr(module, "weight", None), "quant_state", None)
+            return bool(getattr(state, "packing_format_for_cpu", False))
+
+        return tuple(name for name, module in model.named_modules()
+                     if getattr(module, "support_avx512bf16_for_cpu", False) or repacked(module))
+
+    def describe_training_layout(self, layers: Sequence[str]) -> tuple[str, str]:
+        return "4-bit layout", f"CPU inference repacking off for {len(layers)} bitsandbytes layers (its kernel has no autograd)"
+
+    def restore_training_layout(self, model: nn.Module, layers: Sequence[str]) -> None:
+        """Switch off the CPU inference repacking of each named layer, and unpack a weight already repacked.
+
+        A weight is repacked when a forward ran in eval mode before preparation (a sample
+        generation, say); see `training_layout` for why it matters.
+        """
+        modules = dict(model.named_modules())
+        for name in layers:
+            module = modules[name]
+            module.support_avx512bf16_for_cpu = False
+            weight = module.weight
+            # A layer whose weight was never quantized (a new head missing from the checkpoint)
+            # has no quant_state; planning warns about it by name.
+            if getattr(getattr(weight, "quant_state", None), "packing_format_for_cpu", False):
+                from bitsandbytes.nn.modules import _convert_weight_packed_for_cpu_inverse
+
+                weight.data, weight.quant_state = _convert_weight_packed_for_cpu_inverse(weight.data, weight.quant_state)
+
+
+BITSANDBYTES = BitsAndBytes()
+
+
+def _4bit_layers_without_quant_state(model: nn.Module, parameters: Sequence[OwnedParameter]) -> list[str]:
+    """Names of 4-bit layers (or loose 4-bit weights) whose weight was never quantized.
+
+    transformers swaps a layer for a `Linear4bit` before loading; a layer missing from the
+    checkpoint (a new classification head) keeps a plain, unquantized weight, and on CPU
+    its first forward fails deep inside bitsandbytes.
+    """
+    found: list[str] = []
+    for name, module in model.named_modules():
+        weight = getattr(module, "weight", None)
+        if not isinstance(weight, torch.Tensor) or weight.device.type == "meta":
+            continue
+        if class_matches(type(module), CLASSES_4BIT) and getattr(weight, "quant_state", None) is None:
+            found.append(name or "<root>")
+    for name, param, _ in parameters:
+        owner = name.rsplit(".", 1)[0] if "." in name else "<root>"
+        if getattr(param, "bnb_quantized", True) is False and param.device.type != "meta" and owner not in found:
+            found.append(owner)
+    return found
+
+
+# ---------------------------------------------------------------- loading and sizing
+
+# --quantize values -> BitsAndBytesConfig arguments (None: not quantized).
+QUANTIZE_CHOICES: Mapping[str, Mapping[str, Any] | None] = {
+    "nf4": {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": True},
+    "fp4": {"load_in_4bit": True, "bnb_4bit_quant_type": "fp4"},
+    "int8": {"load_in_8bit": True},
+    "none": None,
+}
+
+
+def bnb_config_for(quantize: str, compute_dtype: torch.dtype | None = None) -> Any:
+    """The `BitsAndBytesConfig` for a `--quantize` value, or None for "none".
+
+    Raises:
+        ValueError: `quantize` is not one of `QUANTIZE_CHOICES`.
+    """
+    if quantize not in QUANTIZE_CHOICES:
+        raise ValueError(f"quantize must be one of {sorted(QUANTIZE_CHOICES)}, not {quantize!r}")
+    arguments = QUANTIZE_CHOICES[quantize]
+    if arguments is None:
+        return None
+    from transformers import BitsAndBytesConfig
+
+    extra = {"bnb_4bit_compute_dtype": compute_dtype} if compute_dtype is not None and "load_in_4bit" in arguments else {}
+    return BitsAndBytesConfig(**arguments, **extra)
+
+
+def _modules_not_to_convert(model: nn.Module, bnb_config: Any) -> list[str]:
+    """transformers' own list of layers it leaves unquantized (the LM head, tied weights, skips)."""
+    skip = list(bnb_config.llm_int8_skip_modules or [])
+    keep_fp32 = list(getattr(model, "_keep_in_fp32_modules", None) or [])
+    try:  # transformers 5
+        from transformers.quantizers.base import HfQuantizer
+
+        return list(HfQuantizer.get_modules_to_not_convert(model, bnb_config.llm_int8_skip_modules, keep_fp32))
+    except (ImportError, AttributeError):
+        pass
+    try:  # transformers 4
+        from transformers.integrations.bitsandbytes import get_keys_to_not_convert
+
+        return list(get_keys_to_not_convert(model)) + skip + keep_fp32
+    except ImportError:
+        output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        return [name for name, module in model.named_modules() if module is output] + skip + keep_fp32
+
+
+def _pack_like_a_real_load(model: nn.Module, bnb_config: Any, dtype: torch.dtype) -> None:
+    """Give each bitsandbytes weight the shape and dtype quantizing it produces."""
+    import bitsandbytes as bnb
+    from bitsandbytes.functional import QuantState
+
+    for module in model.modules():
+        if getattr(module, "bias", None) is not None and isinstance(module, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)):
+            module.bias.data = torch.empty_like(module.bias, dtype=dtype, device="meta")
+        if isinstance(module, bnb.nn.Linear4bit):
+            weight = module.weight
+            storage = bnb_config.bnb_4bit_quant_storage
+            storage = getattr(torch, storage) if isinstance(storage, str) else storage
+            numel = weight.numel()
+            # bitsandbytes packs two 4-bit values per byte into a column of storage elements.
+            packed = torch.empty(((numel + 1) // (2 * storage.itemsize), 1), dtype=storage, device="meta")
+            state = QuantState(absmax=torch.empty(0, device="meta"), shape=weight.shape, blocksize=64,
+                               quant_type=bnb_config.bnb_4bit_quant_type, dtype=dtype)
+            module.weight = bnb.nn.Params4bit(packed, requires_grad=False, quant_state=state, bnb_quantized=True,
+                                              quant_type=bnb_config.bnb_4bit_quant_type, quant_storage=storage,
+                                              module=module)
+        elif isinstance(module, bnb.nn.Linear8bitLt):
+            module.weight.data = torch.empty(module.weight.shape, dtype=torch.int8, device="meta")
+
+
+def quantize_skeleton(model: nn.Module, bnb_config: Any, dtype: torch.dtype) -> nn.Module:
+    """A meta-device model with bitsandbytes layers where a real quantized load puts them.
+
+    Layers are replaced by transformers' own rules for what stays unquantized, each weight
+    gets the packed shape and storage dtype quantizing produces, and the model carries the
+    flags a real load sets, so `detect_quantization` and `plan_preparation` see the real thing.
+    """
+    from transformers.integrations.bitsandbytes import replace_with_bnb_linear
+
+    model = replace_with_bnb_linear(model, modules_to_not_convert=_modules_not_to_convert(model, bnb_config),
+                                    quantization_config=bnb_config)
+    _pack_like_a_real_load(model, bnb_config, dtype)
+    flag = "is_loaded_in_4bit" if bnb_config.load_in_4bit else "is_loaded_in_8bit"
+    setattr(model, flag, True)
+    model.is_quantized = True
+    model.config.quantization_config = bnb_config
+    return model
