@@ -10,6 +10,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BACKENDS",
+    "UPCAST_POLICIES",
     "Backend",
     "Cast",
     "Detection",
@@ -19,7 +20,6 @@ __all__ = [
     "NotQuantizedWarning",
     "PreparationError",
     "PreparationPlan",
-    "UPCAST_POLICIES",
     "apply_plan",
     "detect_quantization",
     "model_bytes",

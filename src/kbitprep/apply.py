@@ -151,7 +151,8 @@ def prepare_model_for_kbit_training(
             device, cannot checkpoint); raised before anything is changed.
 
     Example:
-        >>> model = AutoModelForCausalLM.from_pretrained(path, quantization_config=BitsAndBytesConfig(load_in_4bit=True))
+        >>> config = BitsAndBytesConfig(load_in_4bit=True)
+        >>> model = AutoModelForCausalLM.from_pretrained(path, quantization_config=config)
         >>> model = prepare_model_for_kbit_training(model, upcast="norms")
         >>> model = peft.get_peft_model(model, LoraConfig(r=16, target_modules="all-linear"))
     """

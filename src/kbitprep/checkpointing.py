@@ -153,7 +153,8 @@ def plan_checkpointing(
     if not use_gradient_checkpointing:
         return _Findings(CheckpointingPlan(False, "use_gradient_checkpointing=False"))
     if not quantized:
-        return _Findings(CheckpointingPlan(False, "the model is not quantized (the seed checkpoints only quantized models)"))
+        reason = "the model is not quantized (the seed checkpoints only quantized models)"
+        return _Findings(CheckpointingPlan(False, reason))
 
     found = next(((name, arg) for name, arg in _ENABLE_METHODS if callable(getattr(model, name, None))), None)
     if found is None or getattr(model, "supports_gradient_checkpointing", True) is False:
@@ -241,10 +242,13 @@ def _output_requires_grad(module: nn.Module, args: tuple, output: torch.Tensor) 
 
 
 def _add_input_grad_hook(model: nn.Module) -> None:
-    if callable(getattr(model, "enable_input_require_grads", None)):
-        model.enable_input_require_grads()
+    enable = getattr(model, "enable_input_require_grads", None)
+    if callable(enable):
+        enable()
         return
     embeddings = _input_embeddings(model)
+    if embeddings is None:  # plan_checkpointing reported this as an error, so preparation never gets here
+        return
     setattr(model, _OWN_HOOKS_ATTR, [embeddings.register_forward_hook(_output_requires_grad)])
 
 
@@ -255,7 +259,7 @@ def enable_checkpointing(model: nn.Module, plan: CheckpointingPlan) -> None:
     own on every call, so a second preparation would stack a second hook on each embedding;
     the hooks that call adds beside ones already in place are removed again.
     """
-    if not plan.enabled:
+    if not plan.enabled or plan.method is None:
         return
     existing = _input_grad_handles(model)
     hooked = [hooks for hooks in (handle.hooks_dict_ref() for handle in existing) if hooks is not None]
@@ -278,7 +282,7 @@ def enable_checkpointing(model: nn.Module, plan: CheckpointingPlan) -> None:
             call[option] = getattr(plan, option)
     method(**call)
 
-    for hooks, before in zip(hooked, keys_before):
+    for hooks, before in zip(hooked, keys_before, strict=True):
         for hook_id in set(hooks) - before:
             del hooks[hook_id]
     if existing and previous_handles is not None:
@@ -287,5 +291,6 @@ def enable_checkpointing(model: nn.Module, plan: CheckpointingPlan) -> None:
             owner._require_grads_hook = previous_handle
     if plan.input_grad_hook and not has_input_grad_hook(model):
         _add_input_grad_hook(model)
-    if plan.disables_use_cache:
-        model.config.use_cache = False
+    config = getattr(model, "config", None)
+    if plan.disables_use_cache and config is not None:
+        config.use_cache = False

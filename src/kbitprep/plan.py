@@ -43,10 +43,10 @@ from .diagnostics import Diagnostic, error_code, warning_code
 from .errors import NotQuantizedWarning
 
 __all__ = [
-    "Cast",
     "HALF_DTYPES",
-    "PreparationPlan",
     "UPCAST_POLICIES",
+    "Cast",
+    "PreparationPlan",
     "is_norm_layer",
     "model_bytes",
     "plan_preparation",

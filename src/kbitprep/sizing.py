@@ -23,7 +23,7 @@ from .backends.bitsandbytes import QUANTIZE_CHOICES, bnb_config_for, quantize_sk
 __all__ = ["QUANTIZE_CHOICES", "bnb_config_for", "build_meta_model", "load_config"]
 
 
-def load_config(config_or_path: Any):
+def load_config(config_or_path: Any) -> Any:
     """A transformers config from a config object, a dict, a model folder or a config.json path.
 
     Raises:
@@ -55,7 +55,7 @@ def load_config(config_or_path: Any):
         raise ValueError(f"model_type {model_type!r} is not one this transformers knows ({error})") from None
 
 
-def _skeleton(config, dtype: torch.dtype) -> nn.Module:
+def _skeleton(config: Any, dtype: torch.dtype) -> nn.Module:
     """The model for `config` on the meta device, through the first Auto class that takes it."""
     import transformers
 

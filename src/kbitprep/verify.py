@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
@@ -45,7 +45,8 @@ class GradientFlowReport:
 
     def describe(self) -> str:
         if self.ok:
-            return f"gradients reach all {len(self.with_grad)} trainable parameters and no frozen one (loss {self.loss:.4f})"
+            return (f"gradients reach all {len(self.with_grad)} trainable parameters and no frozen one "
+                    f"(loss {self.loss:.4f})")
         if not (self.with_grad or self.missing):
             return "no parameter is trainable: attach adapters (peft.get_peft_model) before verifying"
         parts = [f"{label}: {', '.join(names[:5])}{' ...' if len(names) > 5 else ''} ({len(names)})"
@@ -79,7 +80,11 @@ def _scalar(output: Any) -> torch.Tensor:
     loss = getattr(output, "loss", None)
     if isinstance(loss, torch.Tensor):
         return loss
-    values = output.values() if isinstance(output, Mapping) else output if isinstance(output, (tuple, list)) else [output]
+    values: Iterable[Any]
+    if isinstance(output, Mapping):
+        values = output.values()
+    else:
+        values = output if isinstance(output, (tuple, list)) else [output]
     for value in values:
         if isinstance(value, torch.Tensor) and value.is_floating_point():
             return value.float().mean()

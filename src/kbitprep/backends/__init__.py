@@ -29,10 +29,10 @@ from .bitsandbytes import BITSANDBYTES, CLASSES_4BIT, CLASSES_8BIT
 
 __all__ = [
     "BACKENDS",
+    "UNKNOWN_BACKEND",
     "Backend",
     "BackendBehaviour",
     "Detection",
-    "UNKNOWN_BACKEND",
     "detect_quantization",
     "is_plain_tensor",
     "quantized_tensor_backend",
@@ -153,8 +153,8 @@ def _by_method(model: nn.Module) -> Detection | None:
 def _tensors_and_layers(model: nn.Module) -> Iterator[tuple[str, type]]:
     for name, tensor in model.named_parameters():
         yield name, type(tensor)
-    for name, tensor in model.named_buffers():
-        yield name, type(tensor)
+    for name, buffer in model.named_buffers():
+        yield name, type(buffer)
     for name, module in model.named_modules():
         yield name or "<root>", type(module)
 

@@ -92,7 +92,8 @@ class BitsAndBytes(BackendBehaviour):
                      if getattr(module, "support_avx512bf16_for_cpu", False) or repacked(module))
 
     def describe_training_layout(self, layers: Sequence[str]) -> tuple[str, str]:
-        return "4-bit layout", f"CPU inference repacking off for {len(layers)} bitsandbytes layers (its kernel has no autograd)"
+        text = f"CPU inference repacking off for {len(layers)} bitsandbytes layers (its kernel has no autograd)"
+        return "4-bit layout", text
 
     def restore_training_layout(self, model: nn.Module, layers: Sequence[str]) -> None:
         """Switch off the CPU inference repacking of each named layer, and unpack a weight already repacked.
@@ -110,7 +111,8 @@ class BitsAndBytes(BackendBehaviour):
             if getattr(getattr(weight, "quant_state", None), "packing_format_for_cpu", False):
                 from bitsandbytes.nn.modules import _convert_weight_packed_for_cpu_inverse
 
-                weight.data, weight.quant_state = _convert_weight_packed_for_cpu_inverse(weight.data, weight.quant_state)
+                unpacked = _convert_weight_packed_for_cpu_inverse(weight.data, weight.quant_state)
+                weight.data, weight.quant_state = unpacked
 
 
 BITSANDBYTES = BitsAndBytes()
@@ -161,11 +163,13 @@ def bnb_config_for(quantize: str, compute_dtype: torch.dtype | None = None) -> A
         return None
     from transformers import BitsAndBytesConfig
 
-    extra = {"bnb_4bit_compute_dtype": compute_dtype} if compute_dtype is not None and "load_in_4bit" in arguments else {}
+    extra = {}
+    if compute_dtype is not None and "load_in_4bit" in arguments:
+        extra["bnb_4bit_compute_dtype"] = compute_dtype
     return BitsAndBytesConfig(**arguments, **extra)
 
 
-def _modules_not_to_convert(model: nn.Module, bnb_config: Any) -> list[str]:
+def _modules_not_to_convert(model: Any, bnb_config: Any) -> list[str]:
     """transformers' own list of layers it leaves unquantized (the LM head, tied weights, skips)."""
     skip = list(bnb_config.llm_int8_skip_modules or [])
     keep_fp32 = list(getattr(model, "_keep_in_fp32_modules", None) or [])
@@ -176,7 +180,7 @@ def _modules_not_to_convert(model: nn.Module, bnb_config: Any) -> list[str]:
     except (ImportError, AttributeError):
         pass
     try:  # transformers 4
-        from transformers.integrations.bitsandbytes import get_keys_to_not_convert
+        from transformers.integrations.bitsandbytes import get_keys_to_not_convert  # type: ignore[attr-defined]
 
         return list(get_keys_to_not_convert(model)) + skip + keep_fp32
     except ImportError:
@@ -217,11 +221,11 @@ def quantize_skeleton(model: nn.Module, bnb_config: Any, dtype: torch.dtype) -> 
     """
     from transformers.integrations.bitsandbytes import replace_with_bnb_linear
 
-    model = replace_with_bnb_linear(model, modules_to_not_convert=_modules_not_to_convert(model, bnb_config),
-                                    quantization_config=bnb_config)
-    _pack_like_a_real_load(model, bnb_config, dtype)
+    skeleton: Any = replace_with_bnb_linear(model, modules_to_not_convert=_modules_not_to_convert(model, bnb_config),
+                                            quantization_config=bnb_config)
+    _pack_like_a_real_load(skeleton, bnb_config, dtype)
     flag = "is_loaded_in_4bit" if bnb_config.load_in_4bit else "is_loaded_in_8bit"
-    setattr(model, flag, True)
-    model.is_quantized = True
-    model.config.quantization_config = bnb_config
-    return model
+    setattr(skeleton, flag, True)
+    skeleton.is_quantized = True
+    skeleton.config.quantization_config = bnb_config
+    return skeleton
