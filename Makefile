@@ -6,7 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 TORCH  := torch==2.13.0
 
-.PHONY: install demo test test-fast bench clean
+.PHONY: install demo test test-fast bench docs clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,10 @@ test-fast: install
 
 bench: install
 	$(BIN)/python benchmarks/run.py
+
+# The finetune options table in docs/cli.md, generated from kbitprep.app.settings.
+docs: install
+	$(BIN)/python -m kbitprep.app.settings --update docs/cli.md
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info src/*.egg-info

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import platform
 import shutil
@@ -34,7 +33,7 @@ from .loading import check_model_folder, compute_dtype, error_summary, load_quan
 from .outputs import (ADAPTER_DIR, LOSS_PLOT, REPORT, RunFolder, atomic_directory, atomic_write_bytes,
                       checkpoint_step)
 from .quiet import without_log_notes
-from ..sizing import QUANTIZE_CHOICES
+from .settings import FinetuneError, FinetuneSettings
 
 if TYPE_CHECKING:
     import torch
@@ -54,105 +53,6 @@ __all__ = [
     "read_report",
     "run_pipeline",
 ]
-
-# Settings that must be the same when a run is resumed (the step count may grow).
-_RESUME_KEYS = ("model", "data", "quantize", "upcast", "lora_r", "lora_alpha", "lora_dropout", "target_modules",
-                "lr", "batch_size", "grad_accum", "seq_len", "seed")
-
-
-class FinetuneError(RuntimeError):
-    """The fine-tuning run cannot go ahead or stopped; the message says why and what to do."""
-
-
-@dataclasses.dataclass(frozen=True)
-class FinetuneSettings:
-    """Everything that decides a fine-tuning run. Option names match the CLI's.
-
-    Args:
-        model (str): local model folder (config.json, weights, tokenizer).
-        data (str): JSONL file of `text` or `prompt` + `completion` rows.
-        output (str): the run folder.
-        quantize (str): "nf4", "fp4", "int8" or "none". Default: "nf4"
-        upcast (str): kbitprep's upcast policy, "all", "norms" or "none". Default: "all"
-        lora_r (int): LoRA rank. Default: 16
-        lora_alpha (float): LoRA scaling numerator (the scale is alpha / r). Default: 32
-        lora_dropout (float): dropout on the LoRA input. Default: 0.05
-        target_modules (tuple[str, ...] | None): module names to adapt; None: every linear
-            layer but the output head. Default: None
-        lr (float): peak learning rate (linear decay to zero). Default: 2e-4
-        batch_size (int): examples per device per step. Default: 4
-        grad_accum (int): micro-batches per optimizer step. Default: 1
-        max_steps (int | None): optimizer steps; None trains for `epochs`. Default: None
-        epochs (float): passes over the data when `max_steps` is None. Default: 1.0
-        seq_len (int): longest sequence in tokens; longer rows are cut. Default: 512
-        seed (int): seeds the LoRA initialisation, dropout and the data order. Default: 0
-        save_steps (int): save a checkpoint every this many steps. Default: 50
-        resume (bool): continue the unfinished run in `output`. Default: False
-        overwrite (bool): replace a finished run in `output`. Default: False
-        samples (tuple[str, ...]): prompts to complete before and after training. Default: ()
-        max_new_tokens (int): length of each sample completion. Default: 24
-    """
-
-    model: str
-    data: str
-    output: str
-    quantize: str = "nf4"
-    upcast: str = "all"
-    lora_r: int = 16
-    lora_alpha: float = 32.0
-    lora_dropout: float = 0.05
-    target_modules: tuple[str, ...] | None = None
-    lr: float = 2e-4
-    batch_size: int = 4
-    grad_accum: int = 1
-    max_steps: int | None = None
-    epochs: float = 1.0
-    seq_len: int = 512
-    seed: int = 0
-    save_steps: int = 50
-    resume: bool = False
-    overwrite: bool = False
-    samples: tuple[str, ...] = ()
-    max_new_tokens: int = 24
-
-    def check(self) -> None:
-        """Raise `FinetuneError` naming the first setting that is out of range."""
-        from ..plan import UPCAST_POLICIES
-
-        rules: list[tuple[bool, str]] = [
-            (self.quantize in QUANTIZE_CHOICES,
-             f"--quantize must be one of {', '.join(QUANTIZE_CHOICES)}, not {self.quantize!r}"),
-            (self.upcast in UPCAST_POLICIES,
-             f"--upcast must be one of {', '.join(UPCAST_POLICIES)}, not {self.upcast!r}"),
-            (self.lora_r >= 1, f"--lora-r must be at least 1, not {self.lora_r}"),
-            (self.lora_alpha > 0, f"--lora-alpha must be positive, not {self.lora_alpha}"),
-            (0 <= self.lora_dropout < 1, f"--lora-dropout must be in [0, 1), not {self.lora_dropout}"),
-            (self.target_modules is None or all(self.target_modules),
-             "--target-modules must be comma-separated module names such as q_proj,v_proj"),
-            (self.lr > 0 and math.isfinite(self.lr), f"--lr must be a positive number, not {self.lr}"),
-            (self.batch_size >= 1, f"--batch-size must be at least 1, not {self.batch_size}"),
-            (self.grad_accum >= 1, f"--grad-accum must be at least 1, not {self.grad_accum}"),
-            (self.max_steps is None or self.max_steps >= 1, f"--max-steps must be at least 1, not {self.max_steps}"),
-            (self.epochs > 0, f"--epochs must be positive, not {self.epochs}"),
-            (self.seq_len >= 2, f"--seq-len must be at least 2, not {self.seq_len}"),
-            (self.save_steps >= 1, f"--save-steps must be at least 1, not {self.save_steps}"),
-            (not (self.resume and self.overwrite), "--resume and --overwrite contradict each other; pass one"),
-        ]
-        for ok, message in rules:
-            if not ok:
-                raise FinetuneError(message)
-
-    def resolved(self) -> FinetuneSettings:
-        """The same settings with absolute paths, so a resumed run compares them from any folder."""
-        return dataclasses.replace(self, model=os.path.abspath(self.model), data=os.path.abspath(self.data),
-                                   output=os.path.abspath(self.output))
-
-    def to_dict(self) -> dict[str, Any]:
-        data = dataclasses.asdict(self)
-        data["target_modules"] = list(self.target_modules) if self.target_modules else "all-linear"
-        data["samples"] = list(self.samples)
-        return data
-
 
 @dataclasses.dataclass(frozen=True)
 class FinetuneReport:
@@ -420,10 +320,7 @@ def plot_loss(history: Sequence[dict[str, float]], title: str) -> bytes:
 
 
 def _check_resume(folder: RunFolder, settings: FinetuneSettings) -> None:
-    recorded = folder.marker().get("settings", {})
-    now = settings.to_dict()
-    differ = [f"{key} {recorded[key]!r} (run) vs {now[key]!r} (now)" for key in _RESUME_KEYS
-              if key in recorded and recorded[key] != now[key]]
+    differ = settings.resume_differences(folder.marker().get("settings", {}))
     if differ:
         raise FinetuneError(f"{folder.path}: --resume with settings that differ from the run's: {'; '.join(differ)}. "
                             "Pass the run's settings, or --overwrite to start again")

@@ -6,9 +6,10 @@ import argparse
 
 from rich.console import Console
 
-from .options import positive_int
+from ..app.settings import add_arguments
 
 HELP = "fine-tune the embedded tiny model on the embedded data set (CPU, well under a minute)"
+DEFAULT_OUTPUT = "kbitprep-demo"
 
 
 def add_parser(commands: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -16,10 +17,9 @@ def add_parser(commands: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
     parser = commands.add_parser("demo", help=HELP, description=HELP[0].upper() + HELP[1:] + ": build a tiny Llama, "
                                  "load it in 4-bit NF4, prepare it, attach LoRA, train, and write the results.")
-    parser.add_argument("--output", metavar="DIR", default="kbitprep-demo", help="run folder (default: %(default)s)")
-    parser.add_argument("--overwrite", action="store_true", help="replace a finished run in the output folder")
-    parser.add_argument("--max-steps", type=positive_int, default=DEMO_STEPS, metavar="N",
-                        help="optimizer steps (default: %(default)s)")
+    # The demo shares these options with `finetune`, with its own defaults.
+    add_arguments(parser, ("output", "overwrite", "max_steps"),
+                  defaults={"output": DEFAULT_OUTPUT, "max_steps": DEMO_STEPS}, groups=False)
     return parser
 
 
