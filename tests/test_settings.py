@@ -14,8 +14,16 @@ from pathlib import Path
 
 import pytest
 
-from kbitprep.app.settings import (SETTINGS, TABLE_BEGIN, TABLE_END, FinetuneError, FinetuneSettings, Setting,
-                                   add_arguments, markdown_table)
+from kbitprep.app.settings import (
+    SETTINGS,
+    TABLE_BEGIN,
+    TABLE_END,
+    FinetuneError,
+    FinetuneSettings,
+    Setting,
+    add_arguments,
+    markdown_table,
+)
 from kbitprep.cli import build_parser
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "cli.md"
