@@ -106,6 +106,17 @@ def make_workspace(root: pathlib.Path) -> Workspace:
     (finished / "adapter").mkdir(parents=True)
     (finished / "adapter" / "adapter_model.safetensors").write_bytes(b"weights of a finished run")
     (finished / "report.json").write_text('{"finished": true}\n', encoding="utf-8")
+
+    unfinished = root / "unfinished-run"
+    unfinished.mkdir()
+    (unfinished / "INCOMPLETE").write_text('{"status": "incomplete"}\n', encoding="utf-8")
+    merged = root / "merge-ready-run"  # what merge reads of a finished run, without training one
+    (merged / "adapter").mkdir(parents=True)
+    (merged / "adapter" / "adapter_config.json").write_text('{"peft_type": "LORA"}\n', encoding="utf-8")
+    report = {"status": "finished", "settings": {"model": str(model), "quantize": "nf4"}}
+    (merged / "report.json").write_text(json.dumps(report) + "\n", encoding="utf-8")
+    (root / "taken").mkdir()
+    (root / "taken" / "notes.txt").write_text("not a model\n", encoding="utf-8")
     return space
 
 
@@ -172,6 +183,18 @@ CASES = [
             lambda ws: finetune(ws.model, ws.data, ws / "finished-run"),
             lambda ws: (str(ws / "finished-run"), "finished run", "--overwrite"),
             lambda ws: ws / "finished-run"),
+    CliCase("merge-unfinished-run",
+            lambda ws: ["merge", str(ws / "unfinished-run"), "--output", str(ws / "out-merge-unfinished")],
+            lambda ws: (str(ws / "unfinished-run"), "unfinished run", "--resume"),
+            lambda ws: ws / "out-merge-unfinished"),
+    CliCase("merge-folder-of-another-tool",
+            lambda ws: ["merge", str(ws / "finished-run"), "--output", str(ws / "out-merge-foreign")],
+            lambda ws: (str(ws / "finished-run"), "not a kbitprep run folder", "kbitprep finetune"),
+            lambda ws: ws / "out-merge-foreign"),
+    CliCase("merge-output-exists",
+            lambda ws: ["merge", str(ws / "merge-ready-run"), "--output", str(ws / "taken")],
+            lambda ws: (str(ws / "taken"), "already exists", "another --output"),
+            lambda ws: ws / "taken"),
     CliCase("unknown-quantize-value",
             lambda ws: finetune(ws.model, ws.data, ws / "out-nf5", "--quantize", "nf5"),
             lambda ws: ("--quantize", "nf5", "nf4"),
@@ -233,5 +256,6 @@ def test_bad_cli_input_fails_cleanly(case: CliCase, workspace: Workspace, outcom
 def test_failed_runs_leave_nothing_behind(workspace: Workspace, outcomes: dict[str, Outcome]) -> None:
     """No output folder, staging folder or temporary file from any of the failed runs."""
     made = {"model", "good.jsonl", "no-config", "config-only", "truncated", "bad-line.jsonl",
-            "empty.jsonl", "latin1.jsonl", "long-prompts.jsonl", "finished-run", "locked"}
+            "empty.jsonl", "latin1.jsonl", "long-prompts.jsonl", "finished-run", "locked",
+            "unfinished-run", "merge-ready-run", "taken"}
     assert {entry.name for entry in workspace.root.iterdir()} <= made

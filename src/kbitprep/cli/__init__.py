@@ -1,4 +1,4 @@
-"""The `kbitprep` command: `inspect`, `finetune` and `demo`, each a thin layer over the library.
+"""The `kbitprep` command: `inspect`, `finetune`, `demo` and `merge`, each a thin layer over the library.
 
 Each command lives in its own module with `add_parser` (its options) and `run` (calls
 the library, then renders the report it returns). `main` wires them together and turns
@@ -14,12 +14,12 @@ import sys
 from collections.abc import Sequence
 
 from .. import __version__
-from . import demo, finetune, inspect
+from . import demo, finetune, inspect, merge
 from .console import make_consoles, quiet_third_party
 
 __all__ = ["build_parser", "main"]
 
-COMMANDS = (inspect, finetune, demo)
+COMMANDS = (inspect, finetune, demo, merge)
 _EXIT_ERROR = 1
 _EXIT_INTERRUPTED = 130
 
@@ -30,9 +30,10 @@ def _known_errors() -> tuple[type[BaseException], ...]:
     from ..errors import GradientFlowError, PreparationError
     from ..app.finetune import FinetuneError
     from ..app.loading import ModelFolderError
+    from ..app.merge import MergeError
     from ..app.outputs import RunFolderError
 
-    return (DataError, FinetuneError, ModelFolderError, RunFolderError, PreparationError, GradientFlowError, OSError)
+    return (DataError, MergeError, FinetuneError, ModelFolderError, RunFolderError, PreparationError, GradientFlowError, OSError)
 
 
 def _debug_option(parser: argparse.ArgumentParser) -> None:

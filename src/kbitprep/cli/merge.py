@@ -1,0 +1,36 @@
+"""`kbitprep merge RUN_DIR --output DIR`: a finished run's adapter merged into a standalone model folder."""
+
+from __future__ import annotations
+
+import argparse
+
+from rich.console import Console
+
+HELP = "merge a finished run's adapter into its dequantized base; write a model folder that needs no peft"
+
+
+def add_parser(commands: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    from ..app.merge import MERGE_DTYPES
+
+    parser = commands.add_parser(
+        "merge", help=HELP, description=HELP[0].upper() + HELP[1:] + " or bitsandbytes.",
+        epilog="The base is loaded and dequantized exactly as the run loaded it, so the merged weights are the "
+               "ones the adapter was trained against. The folder loads with AutoModelForCausalLM.from_pretrained.",
+    )
+    parser.add_argument("run", metavar="RUN_DIR", help="the --output folder of a finished `kbitprep finetune` run")
+    parser.add_argument("--output", metavar="DIR", required=True, help="the model folder to create (must not exist)")
+    parser.add_argument("--dtype", choices=list(MERGE_DTYPES), default=None,
+                        help="dtype of the merged weights (default: the base model's)")
+    return parser
+
+
+def run(args: argparse.Namespace, console: Console) -> int:
+    from ..app.merge import merge_run
+
+    with console.status("merging"):
+        report = merge_run(args.run, args.output, dtype=args.dtype)
+    console.print(f"merged {report.merged} adapted layer(s) into {report.dequantized} dequantized "
+                  f"{report.quantize} layer(s) of {report.base}", markup=False, highlight=False)
+    console.print(f"wrote {report.output} ({report.dtype}, {report.seconds:.1f} s); load it with "
+                  "AutoModelForCausalLM.from_pretrained", markup=False, highlight=False)
+    return 0
