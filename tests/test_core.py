@@ -1,5 +1,7 @@
 """The engine beyond the differential suite: plans, idempotence, quanto, quiet training,
-footgun warnings, argument errors, the gradient check and the checkpointing options."""
+intended differences from the reference, the gradient check, the checkpointing options
+and the bitsandbytes CPU layout. Bad inputs (arguments, models, warnings) are in
+test_bad_inputs.py."""
 
 from __future__ import annotations
 
@@ -9,18 +11,16 @@ import warnings
 
 import pytest
 import torch
-from torch import nn
-
 from bitsandbytes.nn.modules import has_avx512bf16
+from torch import nn
+from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
 import kbitprep.apply
 import kbitprep.checkpointing
-from conftest import VOCAB, attach_lora, model_state, run_reference
+from conftest import attach_lora, model_state, run_reference, save_tiny_model, tiny_llama_config
 from kbitprep import (
     GradientFlowError,
     KbitPrepWarning,
-    NotQuantizedWarning,
-    PreparationError,
     model_bytes,
     plan_preparation,
     prepare_model_for_kbit_training,
@@ -147,10 +147,13 @@ IDEMPOTENCE_CASES = {
 
 @pytest.mark.parametrize(("arch", "mode", "kwargs"), IDEMPOTENCE_CASES.values(), ids=IDEMPOTENCE_CASES)
 def test_prepare_twice_is_prepare_once(zoo, arch: str, mode: str, kwargs: dict) -> None:
-    twice = prepare_model_for_kbit_training(zoo.load(arch, mode), **kwargs)
-    first = model_state(twice)
-    prepare_model_for_kbit_training(twice, **kwargs)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # and both calls are quiet
+        twice = prepare_model_for_kbit_training(zoo.load(arch, mode), **kwargs)
+        first = model_state(twice)
+        prepare_model_for_kbit_training(twice, **kwargs)
     assert model_state(twice) == first
+    assert plan_preparation(twice, **kwargs).casts == ()
     assert len(twice.get_input_embeddings()._forward_hooks) == 1
     assert twice.is_activation_checkpointing
     if kwargs.get("upcast") == "norms":
@@ -176,11 +179,12 @@ def test_reference_stacks_hooks_on_a_second_call(zoo) -> None:
 
 def test_peft_model_prepared_twice_keeps_one_hook(zoo) -> None:
     model = attach_lora(zoo.load("llama", "nf4-dq"))
-    with pytest.warns(KbitPrepWarning, match="PeftModel"):
+    with pytest.warns(KbitPrepWarning) as first:
         prepare_model_for_kbit_training(model)
     state = model_state(model)
-    with pytest.warns(KbitPrepWarning, match="PeftModel"):
+    with pytest.warns(KbitPrepWarning) as second:
         prepare_model_for_kbit_training(model)
+    assert [w.message.code for w in [*first, *second]] == ["peft-model", "peft-model"]
     assert model_state(model) == state
     embeddings = model.get_input_embeddings()
     assert len(embeddings._forward_hooks) == 1
@@ -282,73 +286,20 @@ def test_accelerator_cache_is_cleared_only_after_casts(zoo, monkeypatch: pytest.
         assert len(calls) == expected, kwargs
 
 
-# ---------------------------------------------------------------- footguns
+# ---------------------------------------------------------------- intended differences
 
 
-def test_peft_model_input_keeps_adapters_trainable(zoo) -> None:
-    ours = attach_lora(zoo.load("llama", "nf4-dq"))
-    adapters = {name for name, p in ours.named_parameters() if p.requires_grad}
-    assert adapters and all("lora_" in name for name in adapters)
-    plan = plan_preparation(ours)
-    assert set(plan.kept_trainable) == adapters
-    with pytest.warns(KbitPrepWarning, match="PeftModel"):
-        prepare_model_for_kbit_training(ours)
-    assert {name for name, p in ours.named_parameters() if p.requires_grad} == adapters
-    assert verify_gradient_flow(ours).ok
-
-    # Intended difference: the reference freezes the adapters, and the check says so.
+def test_reference_freezes_a_peft_models_adapters(zoo) -> None:
+    """Intended difference: the reference freezes a PeftModel's adapters (kbitprep keeps them
+    trainable: test_bad_inputs.py::test_peft_model_warns_and_keeps_adapters_trainable), and the
+    gradient check says so."""
     theirs = attach_lora(zoo.load("llama", "nf4-dq"))
+    assert any(p.requires_grad for p in theirs.parameters())
     run_reference(theirs)
     assert not any(p.requires_grad for p in theirs.parameters())
     with pytest.raises(GradientFlowError, match="no parameter is trainable"), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         verify_gradient_flow(theirs)
-
-
-def test_not_quantized_model_warns_and_says_what_to_do(zoo) -> None:
-    model = zoo.load("llama", "bf16")
-    plan = plan_preparation(model)
-    assert plan.quantization is None and not plan.checkpointing.enabled
-    assert plan.codes == ("not-quantized",)
-    with pytest.warns(NotQuantizedWarning, match="BitsAndBytesConfig"):
-        prepare_model_for_kbit_training(model)
-    assert {p.dtype for p in model.parameters()} == {torch.float32}
-    # upcast="none" still warns (the model is not quantized) but casts nothing.
-    model = zoo.load("llama", "bf16")
-    with pytest.warns(NotQuantizedWarning):
-        prepare_model_for_kbit_training(model, upcast="none")
-    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
-
-
-BAD_ARGUMENTS = [
-    (TypeError, "path", {"model": "path/to/model"}),
-    (TypeError, "NoneType", {"model": None}),
-    (TypeError, "dict", {"model": {"weight": torch.zeros(1)}}),
-    (ValueError, "upcast must be one of", {"upcast": "fp32"}),
-    (ValueError, "upcast must be one of", {"upcast": None}),
-    (ValueError, "every_n_layers", {"every_n_layers": 0}),
-    (ValueError, "use_rentrant", {"gradient_checkpointing_kwargs": {"use_rentrant": False}}),
-    (TypeError, "gradient_checkpointing_kwargs must be a dict",
-     {"gradient_checkpointing_kwargs": [("use_reentrant", True)]}),
-    (TypeError, "use_gradient_checkpointing", {"use_gradient_checkpointing": "yes"}),
-]
-
-
-@pytest.mark.parametrize(("error", "match", "kwargs"), BAD_ARGUMENTS,
-                         ids=[f"{match}-{error.__name__}" for error, match, _ in BAD_ARGUMENTS])
-def test_bad_arguments_raise_before_any_change(zoo, error: type, match: str, kwargs: dict) -> None:
-    model = zoo.load("gpt2", "nf4-dq")
-    before = model_state(model)
-    arguments = {"model": model, **kwargs}
-    for function in (plan_preparation, prepare_model_for_kbit_training):
-        with pytest.raises(error, match=match):
-            function(**arguments)
-    assert model_state(model) == before
-
-
-def test_model_without_parameters_is_a_preparation_error() -> None:
-    with pytest.raises(PreparationError, match="no parameters"):
-        prepare_model_for_kbit_training(nn.Sequential(nn.ReLU()))
 
 
 # ---------------------------------------------------------------- verify_gradient_flow
@@ -410,16 +361,6 @@ def test_every_n_layers_is_passed_through(zoo) -> None:
     assert verify_gradient_flow(model).ok
 
 
-def test_offload_without_accelerator_is_ignored_with_a_warning(zoo) -> None:
-    # transformers pins offloaded activations; with no accelerator that raises at the first forward.
-    assert not kbitprep.checkpointing._accelerator_available()
-    model = zoo.load("llama", "nf4-dq")
-    assert plan_preparation(model, offload=True).checkpointing.offload is False
-    with pytest.warns(UserWarning, match="offload"):
-        prepare_model_for_kbit_training(model, offload=True)
-    assert verify_gradient_flow(attach_lora(model)).ok
-
-
 def test_offload_is_passed_through_where_an_accelerator_exists(zoo, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(kbitprep.checkpointing, "_accelerator_available", lambda: True)
     model = zoo.load("llama-4layers", "nf4-dq")
@@ -435,53 +376,77 @@ def test_offload_is_passed_through_where_an_accelerator_exists(zoo, monkeypatch:
     assert func.keywords == {"use_reentrant": True}
 
 
+@pytest.mark.gpu
+def test_offload_is_kept_and_trains_on_an_accelerator(zoo) -> None:
+    model = zoo.load("llama-4layers", "nf4-dq", device_map={"": 0})
+    assert plan_preparation(model, offload=True).checkpointing.offload is True
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        prepare_model_for_kbit_training(model, offload=True)
+    assert verify_gradient_flow(attach_lora(model)).ok
+
+
 # ---------------------------------------------------------------- bitsandbytes CPU layout
+#
+# On a CPU with AVX512-BF16, bitsandbytes repacks each 4-bit weight for inference on the
+# first eval-mode forward and from then on computes with a kernel that has no autograd
+# (measured without the fix: adapter gradients 26% off in norm). Preparation switches the
+# repacking off, and unpacks weights repacked before it. On a CPU without that instruction
+# set nothing is repacked, and every run must agree all the same.
 
 
-def test_eval_forward_does_not_corrupt_training(zoo, tmp_path) -> None:
-    """Samples generated before or during training must not change the adapters' gradients.
-
-    On a CPU with AVX512-BF16, bitsandbytes repacks each 4-bit weight for inference on the
-    first eval-mode forward and from then on computes with a kernel that has no autograd
-    (measured without the fix: adapter gradients 26% off in norm). Preparation switches the
-    repacking off, and unpacks weights repacked before it. On a CPU without that instruction
-    set nothing is repacked and every run must agree all the same.
-    """
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig, LlamaConfig
-
-    # bitsandbytes' repacking needs layer widths that are multiples of 32 (the zoo's are smaller).
-    config = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2)
-    torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).save_pretrained(tmp_path)
-    batch = zoo.batch("llama")
+@pytest.fixture(scope="module")
+def repacking_llama(tmp_path_factory: pytest.TempPathFactory):
+    """A bf16 Llama whose layer widths (multiples of 32) bitsandbytes repacks; the zoo's are smaller."""
+    path = save_tiny_model(tmp_path_factory.mktemp("repacking-llama"),
+                           tiny_llama_config(hidden_size=64, intermediate_size=128), dtype=torch.bfloat16)
 
     def load() -> nn.Module:
         bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                  bnb_4bit_compute_dtype=torch.bfloat16)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # bitsandbytes' CPU backend: torch.jit deprecations
-            return AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=bnb).train()
+            return AutoModelForCausalLM.from_pretrained(path, quantization_config=bnb).train()
 
-    def sample(model: nn.Module) -> None:
-        model.eval()
-        with torch.no_grad():
-            model(**batch)
-        model.train()
+    return load
 
-    def gradients(model: nn.Module, *, sample_before: bool) -> torch.Tensor:
-        if sample_before:
-            sample(model)
-            assert bool(plan_preparation(model).training_layout) is bool(has_avx512bf16())
-        model = attach_lora(prepare_model_for_kbit_training(model))
-        sample(model)  # an evaluation between training steps
-        _, grads = zoo.train_step("llama", model)
-        return torch.cat([grad.flatten() for grad in grads.values()])
 
-    untouched = gradients(load(), sample_before=False)
-    # Sampling during training: the repacking is off, so nothing changes at all.
-    torch.testing.assert_close(gradients(load(), sample_before=False), untouched, rtol=0, atol=0)
-    # Sampling before preparation: unpacking re-quantizes the block scales (bitsandbytes rounded
-    # them to bfloat16 when it repacked), so the gradients move in the last bits only.
-    relative = (gradients(load(), sample_before=True) - untouched).norm() / untouched.norm()
+def _sample(zoo, model: nn.Module) -> None:
+    """What generating a sample does to the weights: a forward pass in eval mode."""
+    model.eval()
+    with torch.no_grad():
+        model(**zoo.batch("llama"))
+    model.train()
+
+
+def _adapter_gradients(zoo, model: nn.Module, *, sample_before: bool = False,
+                       sample_during: bool = False) -> torch.Tensor:
+    """Prepare, attach LoRA, take one training step; sample before preparing and/or before the step."""
+    if sample_before:
+        _sample(zoo, model)
+    model = attach_lora(prepare_model_for_kbit_training(model))
+    if sample_during:
+        _sample(zoo, model)  # an evaluation between training steps
+    _, grads = zoo.train_step("llama", model)
+    return torch.cat([grad.flatten() for grad in grads.values()])
+
+
+@pytest.fixture(scope="module")
+def never_sampled_gradients(zoo, repacking_llama) -> torch.Tensor:
+    """The reference: no forward in eval mode ever, so nothing is repacked whatever the CPU."""
+    return _adapter_gradients(zoo, repacking_llama())
+
+
+def test_sampling_during_training_leaves_gradients_exact(zoo, repacking_llama, never_sampled_gradients) -> None:
+    model = repacking_llama()
+    assert bool(plan_preparation(model).training_layout) is bool(has_avx512bf16())
+    gradients = _adapter_gradients(zoo, model, sample_during=True)
+    torch.testing.assert_close(gradients, never_sampled_gradients, rtol=0, atol=0)
+
+
+def test_sampling_before_preparation_is_undone(zoo, repacking_llama, never_sampled_gradients) -> None:
+    """Unpacking re-quantizes the block scales (bitsandbytes rounded them to bfloat16 when it
+    repacked), so the gradients move in the last bits only."""
+    gradients = _adapter_gradients(zoo, repacking_llama(), sample_before=True)
+    relative = (gradients - never_sampled_gradients).norm() / never_sampled_gradients.norm()
     assert relative < 0.01, f"adapter gradients off by {relative:.1%}"

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import save_tiny_model
 from kbitprep.app.data import IGNORE_INDEX, CausalLMCollator, DataError, Row, read_jsonl, tokenize_rows
 from kbitprep.app.outputs import CHECKPOINT_COMPLETE, RunFolder, RunFolderError, atomic_directory, atomic_write_json
 
@@ -165,7 +166,6 @@ def test_default_targets_are_the_linear_layers_and_train_a_mixture_of_experts(tm
     linear layers adapt attention and the router, and train with dropout on."""
     import warnings
 
-    import torch
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig, MixtralConfig
 
     from kbitprep import prepare_model_for_kbit_training, verify_gradient_flow
@@ -173,8 +173,7 @@ def test_default_targets_are_the_linear_layers_and_train_a_mixture_of_experts(tm
 
     config = MixtralConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                            num_attention_heads=4, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2)
-    torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path)
+    save_tiny_model(tmp_path, config)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # bitsandbytes' CPU backend: torch.jit deprecations
         model = AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=BitsAndBytesConfig(load_in_4bit=True))

@@ -11,7 +11,7 @@ import warnings
 import pytest
 import torch
 
-from conftest import ARCHS, QUANT_MODES, bnb_mode, attach_lora, run_reference
+from conftest import ARCHS, QUANT_MODES, attach_lora, bnb_mode, run_reference, save_tiny_model
 from kbitprep import model_bytes, plan_preparation, prepare_model_for_kbit_training, verify_gradient_flow
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -71,15 +71,12 @@ def test_norms_policy_trains_in_model_dtype(zoo, arch: str, mode: str) -> None:
 @pytest.fixture(scope="module")
 def qwen2_large_vocab(tmp_path_factory: pytest.TempPathFactory):
     """A Qwen2-shaped model with Qwen2's real 151,936-token vocabulary, tied, otherwise tiny (bf16)."""
-    from transformers import AutoModelForCausalLM, Qwen2Config
+    from transformers import Qwen2Config
 
     config = Qwen2Config(vocab_size=151936, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
                          tie_word_embeddings=True)
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("qwen2-151936")
-    AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).save_pretrained(path)
-    return path
+    return save_tiny_model(tmp_path_factory.mktemp("qwen2-151936"), config, dtype=torch.bfloat16)
 
 
 def _load_qwen2(path) -> torch.nn.Module:
