@@ -169,7 +169,8 @@ def test_default_targets_are_the_linear_layers_and_train_a_mixture_of_experts(tm
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig, MixtralConfig
 
     from kbitprep import prepare_model_for_kbit_training, verify_gradient_flow
-    from kbitprep.app.finetune import FinetuneSettings, _attach_lora, linear_layer_names
+    from kbitprep.app.lora import attach_lora, linear_layer_names
+    from kbitprep.app.settings import FinetuneSettings
 
     config = MixtralConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                            num_attention_heads=4, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2)
@@ -181,7 +182,7 @@ def test_default_targets_are_the_linear_layers_and_train_a_mixture_of_experts(tm
     assert {"q_proj", "k_proj", "v_proj", "o_proj"} <= set(names) and "lm_head" not in names
 
     settings = FinetuneSettings(model=str(tmp_path), data="unused.jsonl", output=str(tmp_path / "run"), lora_dropout=0.1)
-    model = _attach_lora(prepare_model_for_kbit_training(model), settings)
+    model = attach_lora(prepare_model_for_kbit_training(model), settings)
     adapted = {name.split(".lora_A")[0].rsplit(".", 1)[-1] for name, _ in model.named_parameters() if ".lora_A" in name}
     assert adapted == set(names)
     verify_gradient_flow(model)

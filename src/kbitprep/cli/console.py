@@ -14,13 +14,13 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from ..app.finetune import FinetuneObserver
+from ..app.observer import FinetuneObserver
 from ..app.quiet import without_log_notes
 from ..report import format_bytes, format_count
 
 if TYPE_CHECKING:
-    from ..app.finetune import FinetuneReport
     from ..app.inspection import InspectReport
+    from ..app.run_report import FinetuneReport
     from ..plan import PreparationPlan
 
 __all__ = ["RichObserver", "make_consoles", "quiet_third_party", "render_finetune_report", "render_inspect_report"]

@@ -1,0 +1,92 @@
+"""The transformers Trainer as a run uses it: its arguments, its subclass, and the run's callback.
+
+This module imports transformers when it is imported; the application imports it only
+once a run starts (`import kbitprep` stays light).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments
+
+from .distributed import barrier
+from .observer import FinetuneObserver
+from .outputs import RunFolder
+from .settings import FinetuneSettings
+
+__all__ = ["FinetuneTrainer", "RunCallback", "training_arguments"]
+
+
+def training_arguments(settings: FinetuneSettings, output_dir: Path) -> TrainingArguments:
+    """The Trainer's arguments for a run: linear decay from `lr`, a log entry and a loss every step."""
+    return TrainingArguments(
+        output_dir=str(output_dir),
+        per_device_train_batch_size=settings.batch_size,
+        gradient_accumulation_steps=settings.grad_accum,
+        learning_rate=settings.lr,
+        max_steps=settings.max_steps if settings.max_steps is not None else -1,
+        num_train_epochs=settings.epochs,
+        lr_scheduler_type="linear",
+        warmup_steps=0,
+        weight_decay=0.0,
+        logging_steps=1,
+        save_strategy="steps",
+        save_steps=settings.save_steps,
+        save_total_limit=None,  # kbitprep prunes checkpoints itself, only once a newer one is complete
+        seed=settings.seed,
+        data_seed=settings.seed,
+        report_to="none",
+        disable_tqdm=True,
+        use_cpu=not torch.cuda.is_available(),
+        dataloader_pin_memory=torch.cuda.is_available(),
+        remove_unused_columns=False,
+        label_names=["labels"],
+        ddp_find_unused_parameters=False,
+    )
+
+
+class FinetuneTrainer(Trainer):
+    """The Trainer of a fine-tuning run: where a change to how a step computes its loss goes
+    (override `compute_loss`). Progress goes to the run's observer, not to stdout."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.remove_callback(PrinterCallback)  # it prints every log dict; the observer shows progress instead
+
+
+class RunCallback(TrainerCallback):
+    """Marks checkpoints complete in the run folder and forwards progress to the observer.
+
+    Args:
+        folder (RunFolder): the run folder the checkpoints are written into.
+        observer (FinetuneObserver): receives progress (on the main process).
+    """
+
+    def __init__(self, folder: RunFolder, observer: FinetuneObserver) -> None:
+        self.folder = folder
+        self.observer = observer
+
+    def on_train_begin(self, args: TrainingArguments, state: Any, control: Any, **kwargs: Any) -> None:
+        if state.is_world_process_zero:
+            self.observer.on_train_begin(state.max_steps, state.global_step)
+
+    def on_log(self, args: TrainingArguments, state: Any, control: Any, logs: dict[str, float] | None = None,
+               **kwargs: Any) -> None:
+        if state.is_world_process_zero and logs and "loss" in logs:
+            self.observer.on_step(state.global_step, float(logs["loss"]))
+
+    def on_save(self, args: TrainingArguments, state: Any, control: Any, **kwargs: Any) -> None:
+        # Every process has written its part of the checkpoint (its RNG state) before
+        # the main process declares the checkpoint complete.
+        barrier()
+        if state.is_world_process_zero:
+            checkpoint = Path(str(args.output_dir)) / f"checkpoint-{state.global_step}"
+            self.folder.mark_checkpoint_complete(checkpoint, state.global_step)
+        barrier()
+
+    def on_train_end(self, args: TrainingArguments, state: Any, control: Any, **kwargs: Any) -> None:
+        if state.is_world_process_zero:
+            self.observer.on_train_end()
