@@ -10,6 +10,9 @@ these tiny models are cut into several chunks and, where the head is upcast, sev
 from __future__ import annotations
 
 import copy
+import os
+import subprocess
+import sys
 import warnings
 import weakref
 
@@ -166,6 +169,20 @@ def test_lora_on_the_head_is_split_into_base_and_adapter(small_chunks, single_th
     assert_same(reference, chunked)
 
 
+def test_a_head_peft_trains_whole_is_called_per_chunk(small_chunks, single_thread):
+    """`modules_to_save=["lm_head"]`: peft wraps a trainable copy of the head; its weight gets the gradient."""
+    torch.manual_seed(1)
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"], modules_to_save=["lm_head"],
+                        init_lora_weights=False)
+    model = get_peft_model(tiny_model("gemma2-softcap"), config)
+    small_chunks(128)
+    assert plan_loss(model).head == "ModulesToSaveWrapper called per chunk"
+    batch = masked_batch(128)
+    reference, chunked = reference_step(model, batch), chunked_step(model, batch)
+    assert any("modules_to_save" in name for name in chunked[1])
+    assert_same(reference, chunked)
+
+
 def test_a_trainable_head_gets_its_weight_gradient(small_chunks, single_thread):
     model = tiny_model("gemma2-softcap")  # every parameter trainable, the head's weight included
     small_chunks(128)
@@ -206,6 +223,20 @@ def test_half_precision_head_computes_in_the_device_fast_precision(fast, small_c
     # Upcast, the loss is the oracle's to fp32 precision; the gradients pass through a bf16
     # body, where a difference in the last fp32 bit can flip a bf16 rounding: bf16's tolerance.
     torch.testing.assert_close(chunked[0], reference[0], rtol=3e-2 if fast else 1e-6, atol=0)
+    assert_same(reference, chunked, rtol=3e-2)
+
+
+def test_autocast_decides_the_head_precision(small_chunks, single_thread):
+    """Under the caller's bf16 autocast (the Trainer's `bf16=True`) an fp32 head computes in bf16, piece by piece."""
+    model = with_lora(tiny_model("llama"))
+    small_chunks(128)
+    batch = masked_batch(128)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        plan = plan_loss(model)
+        chunked = chunked_step(model, batch)
+        reference = reference_step(model, batch)
+    assert (plan.compute_dtype, plan.weight_rows) == ("bfloat16", 3) and "autocast" in plan.precision
+    assert plan_loss(model).compute_dtype == "float32"  # outside autocast: the head's own dtype
     assert_same(reference, chunked, rtol=3e-2)
 
 
@@ -397,3 +428,13 @@ def test_trainer_mixin_trains_as_the_trainer_does_with_gradient_accumulation(sma
     assert any(not torch.equal(p, reference[n]) for n, p in start.named_parameters() if n in reference)  # it trained
     for name, value in chunked.items():
         torch.testing.assert_close(value, reference[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_public_names_load_lazily_and_import_kbitprep_stays_light():
+    code = ("import sys, kbitprep\n"
+            "assert 'kbitprep.app.loss' not in sys.modules\n"
+            "assert kbitprep.causal_lm_loss.__module__ == 'kbitprep.app.loss' and kbitprep.ChunkedLossMixin\n"
+            "heavy = {'peft', 'matplotlib', 'rich'} & set(sys.modules)\n"
+            "assert not heavy, heavy\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=120)

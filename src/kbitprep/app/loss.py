@@ -158,9 +158,11 @@ class LossPlan:
         hidden_itemsize (int): bytes per value of the hidden states (2 for bf16).
         compute_dtype (str): the dtype of the head's matmul, or "module's own" for a head
             called as a module.
-        precision (str): how the device's fast precisions were decided.
+        precision (str): why `compute_dtype`: the device's fast precisions and how they were
+            decided, or the caller's autocast.
         chunk_tokens (int): positions per chunk (P).
-        weight_rows (int | None): head rows upcast at a time, None when nothing is upcast.
+        weight_rows (int | None): head rows cast to `compute_dtype` at a time; None when the
+            head is used in its own dtype.
     """
 
     loss: str
@@ -547,7 +549,7 @@ def _linear_backward(run: _Run, tensors: _Tensors, grads: _Grads, h: torch.Tenso
     grad_h = torch.zeros((x.shape[0], weight.shape[1]), dtype=torch.float32, device=x.device)
     for start in range(0, weight.shape[0], run.weight_rows):  # the same pieces as the forward
         piece = slice(start, start + run.weight_rows)
-        grad_h.addmm_(grad_logits[:, piece], weight[piece].to(dtype))
+        grad_h += grad_logits[:, piece].to(dtype) @ weight[piece].to(dtype)
         if grad_weight is not None:
             grad_weight[piece].addmm_(grad_logits[:, piece].t(), x.float())
     if grads.hidden is not None:
@@ -596,6 +598,12 @@ class _ChunkedLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, run: _Run, fused: bool, hidden: torch.Tensor, *flat: torch.Tensor | None) -> torch.Tensor:
+        with torch.autocast(hidden.device.type, enabled=False):  # the chunks cast explicitly, as planned
+            return _ChunkedLoss._forward(ctx, run, fused, hidden, flat)
+
+    @staticmethod
+    def _forward(ctx: Any, run: _Run, fused: bool, hidden: torch.Tensor,
+                 flat: Sequence[torch.Tensor | None]) -> torch.Tensor:
         tensors = _Tensors.from_flat(flat, len(run.parts.adapters))
         ctx.run, ctx.fused = run, fused
         needs = ctx.needs_input_grad[2:]
@@ -615,7 +623,8 @@ class _ChunkedLoss(torch.autograd.Function):
         else:  # recompute each chunk's logits, now with their gradients
             hidden, *flat = ctx.saved_tensors
             tensors = _Tensors.from_flat(flat, len(ctx.run.parts.adapters))
-            _, grads = _run_chunks(ctx.run, hidden, tensors, ctx.needs_input_grad[2:])
+            with torch.autocast(hidden.device.type, enabled=False):
+                _, grads = _run_chunks(ctx.run, hidden, tensors, ctx.needs_input_grad[2:])
             assert grads is not None
             results = grads.results(tensors)
         if not bool(grad_loss == 1):  # the Trainer passes 1; scaling then would only copy
@@ -718,9 +727,8 @@ def _chunked_plan(lm: nn.Module, parts: _HeadParts, found: tuple[LogitTransform,
     vocab = row.apply(torch.empty((1, rows), device="meta"), *values).shape[-1]
     weight = parts.weight
     device = weight.device if weight is not None else next(parts.base.parameters(), torch.empty(0)).device
-    dtype = compute_dtype_for(weight.dtype, device) if weight is not None else None
-    upcast = weight is not None and dtype != weight.dtype
-    rereads_head = upcast or weight is None  # each chunk reads the whole head again
+    dtype, precision = _matmul_dtype(weight, device)
+    converted = weight is not None and dtype != weight.dtype  # cast piece by piece in every chunk
     chunk = max(1, CHUNK_LOGITS // rows)
     embeddings = getattr(lm, "get_input_embeddings", lambda: None)()
     hidden_dtype = getattr(embeddings, "weight", torch.empty(0, dtype=torch.bfloat16)).dtype
@@ -728,10 +736,19 @@ def _chunked_plan(lm: nn.Module, parts: _HeadParts, found: tuple[LogitTransform,
         loss="chunked", backward=backward, head=parts.description, logits_transform=row.name, vocab_size=int(vocab),
         head_rows=rows, hidden_size=width, hidden_itemsize=hidden_dtype.itemsize,
         compute_dtype=str(dtype).removeprefix("torch.") if dtype is not None else "module's own",
-        precision=device_precision(device).source,
-        chunk_tokens=max(chunk, AMORTIZE_TOKENS) if rereads_head else chunk,
-        weight_rows=max(1, WEIGHT_PIECE // width) if upcast else None,
+        precision=precision,
+        chunk_tokens=max(chunk, AMORTIZE_TOKENS) if converted or weight is None else chunk,
+        weight_rows=max(1, WEIGHT_PIECE // width) if converted else None,
     )
+
+
+def _matmul_dtype(weight: torch.Tensor | None, device: torch.device) -> tuple[torch.dtype | None, str]:
+    """The head's matmul dtype and why: the caller's autocast if on, else the device's fast precision rule."""
+    if torch.is_autocast_enabled(device.type):
+        dtype = torch.get_autocast_dtype(device.type)
+        name = str(dtype).removeprefix("torch.")
+        return (dtype if weight is not None else None), f"autocast to {name} (the caller's)"
+    return (compute_dtype_for(weight.dtype, device) if weight is not None else None), device_precision(device).source
 
 
 @dataclasses.dataclass(frozen=True)
