@@ -18,6 +18,8 @@ import os
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+from ..errors import KbitPrepError
+
 __all__ = [
     "IGNORE_INDEX",
     "CausalLMCollator",
@@ -31,7 +33,7 @@ __all__ = [
 IGNORE_INDEX = -100  # the label value torch's cross-entropy skips
 
 
-class DataError(ValueError):
+class DataError(KbitPrepError, ValueError):
     """The training data cannot be used; the message names the file and, where there is one, the line."""
 
 
@@ -159,7 +161,7 @@ def tokenize_rows(rows: Sequence[Row], tokenizer: Any, seq_len: int, *, source: 
         DataError: no row has a trained token left.
     """
     if seq_len < 2:
-        raise ValueError(f"seq_len must be at least 2, not {seq_len}")
+        raise DataError(f"seq_len must be at least 2, not {seq_len}")
     bos, eos = _special_id(tokenizer, "bos"), _special_id(tokenizer, "eos")
     examples, truncated, dropped = [], 0, []
     for row in rows:

@@ -13,6 +13,8 @@ import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ..errors import KbitPrepError
+
 if TYPE_CHECKING:
     import torch
     from torch import nn
@@ -33,7 +35,7 @@ WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin", "model*.bin")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "spiece.model", "vocab.txt")
 
 
-class ModelFolderError(ValueError):
+class ModelFolderError(KbitPrepError, ValueError):
     """A model folder is missing, unreadable or lacks a file it needs; the message names it."""
 
 

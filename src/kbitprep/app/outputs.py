@@ -30,6 +30,8 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from ..errors import KbitPrepError
+
 __all__ = [
     "ADAPTER_DIR",
     "CHECKPOINTS_DIR",
@@ -58,7 +60,7 @@ OWNED_NAMES = (ADAPTER_DIR, REPORT, LOSS_PLOT, CHECKPOINTS_DIR, INCOMPLETE, BASE
 _CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 
 
-class RunFolderError(RuntimeError):
+class RunFolderError(KbitPrepError, RuntimeError):
     """The output folder cannot be used as asked (it holds a finished run, ...)."""
 
 

@@ -14,6 +14,7 @@ import sys
 from collections.abc import Sequence
 
 from .. import __version__
+from ..errors import KbitPrepError
 from . import demo, finetune, inspect, merge
 from .console import make_consoles, quiet_third_party
 
@@ -22,18 +23,6 @@ __all__ = ["build_parser", "main"]
 COMMANDS = (inspect, finetune, demo, merge)
 _EXIT_ERROR = 1
 _EXIT_INTERRUPTED = 130
-
-
-def _known_errors() -> tuple[type[BaseException], ...]:
-    """Errors that mean "the input or the situation is wrong", not "kbitprep is broken"."""
-    from ..app.data import DataError
-    from ..errors import GradientFlowError, PreparationError
-    from ..app.finetune import FinetuneError
-    from ..app.loading import ModelFolderError
-    from ..app.merge import MergeError
-    from ..app.outputs import RunFolderError
-
-    return (DataError, MergeError, FinetuneError, ModelFolderError, RunFolderError, PreparationError, GradientFlowError, OSError)
 
 
 def _debug_option(parser: argparse.ArgumentParser) -> None:
@@ -60,7 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _one_line(error: BaseException) -> str:
     # An error listing several problems (PreparationError) hands them over one by one.
-    lines = error.lines() if callable(getattr(error, "lines", None)) else str(error).splitlines()
+    listed = getattr(error, "lines", None)
+    lines = listed() if callable(listed) else str(error).splitlines()
     return "; ".join(line.strip() for line in lines if line.strip()) or type(error).__name__
 
 
@@ -83,7 +73,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as error:  # noqa: BLE001 - the one place where every error becomes a message
         if debug:
             raise
-        if isinstance(error, _known_errors()):
+        # KbitPrepError: the input or the situation is wrong, and the message says how to fix it;
+        # OSError: the file system refused (a full disk, a permission). Anything else is a bug.
+        if isinstance(error, (KbitPrepError, OSError)):
             if os.environ.get("RANK", "0") != "0":  # under torchrun every process finds the same problem
                 return _EXIT_ERROR
             message = f"kbitprep: error: {_one_line(error)}"
