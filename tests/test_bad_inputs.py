@@ -388,7 +388,7 @@ def test_offload_without_accelerator_warns_and_is_ignored(llama_dir: pathlib.Pat
                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     # transformers pins offloaded activations; with no accelerator that raises at the first forward.
     # The machine's hardware does not matter here: the check is made to say "no accelerator".
-    monkeypatch.setattr(kbitprep.checkpointing, "_accelerator_available", lambda: False)
+    monkeypatch.setattr(kbitprep.checkpointing, "has_accelerator", lambda: False)
     model = load_4bit(llama_dir)
     caught = prepare_recording(model, offload=True)
     messages = [str(w.message) for w in caught]

@@ -279,7 +279,7 @@ def test_reference_logs_use_cache_noise_kbitprep_does_not(zoo, caplog: pytest.Lo
 
 def test_accelerator_cache_is_cleared_only_after_casts(zoo, monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[None] = []
-    monkeypatch.setattr(kbitprep.apply, "_clear_accelerator_cache", lambda: calls.append(None))
+    monkeypatch.setattr(kbitprep.apply, "empty_accelerator_cache", lambda: calls.append(None))
     for kwargs, expected in (({}, 1), ({"auto_clear_cache": False}, 0), ({"upcast": "none"}, 0)):
         calls.clear()
         prepare_model_for_kbit_training(zoo.load("gpt2", "nf4-dq"), **kwargs)
@@ -362,7 +362,7 @@ def test_every_n_layers_is_passed_through(zoo) -> None:
 
 
 def test_offload_is_passed_through_where_an_accelerator_exists(zoo, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(kbitprep.checkpointing, "_accelerator_available", lambda: True)
+    monkeypatch.setattr(kbitprep.checkpointing, "has_accelerator", lambda: True)
     model = zoo.load("llama-4layers", "nf4-dq")
     plan = plan_preparation(model, offload=True, every_n_layers=3)
     assert plan.checkpointing.offload is True and plan.checkpointing.every_n_layers == 3

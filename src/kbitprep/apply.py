@@ -10,6 +10,7 @@ from torch import nn
 
 from .backends import detect_quantization
 from .checkpointing import enable_checkpointing
+from .device import empty_accelerator_cache
 from .errors import PreparationError
 from .plan import PreparationPlan, plan_preparation
 
@@ -68,19 +69,6 @@ def keep_training_layout(model: nn.Module) -> nn.Module:
     return model
 
 
-def _clear_accelerator_cache() -> None:
-    # Casting allocates new fp32 storage and frees the half-precision one; the caching
-    # allocator keeps the freed blocks reserved, which on unified-memory devices is RAM
-    # that nothing else can use.
-    accelerator = getattr(torch, "accelerator", None)
-    if accelerator is not None and accelerator.is_available() and hasattr(accelerator, "empty_cache"):
-        accelerator.empty_cache()
-        return
-    for backend in (getattr(torch, "cuda", None), getattr(torch, "xpu", None)):
-        if backend is not None and backend.is_available():
-            backend.empty_cache()
-
-
 def apply_plan(model: nn.Module, plan: PreparationPlan, *, auto_clear_cache: bool = True) -> nn.Module:
     """Carry out `plan` on the model it was made for: freeze, cast, hook norms, checkpoint.
 
@@ -106,7 +94,10 @@ def apply_plan(model: nn.Module, plan: PreparationPlan, *, auto_clear_cache: boo
     _add_norm_hooks(model, plan)
     plan.detection.behaviour.restore_training_layout(model, plan.training_layout)
     if plan.casts and auto_clear_cache:
-        _clear_accelerator_cache()
+        # Casting allocates new fp32 storage and frees the half-precision one; the caching
+        # allocator keeps the freed blocks reserved, which on unified-memory devices is RAM
+        # that nothing else can use.
+        empty_accelerator_cache()
 
     enable_checkpointing(model, plan.checkpointing)
     return model

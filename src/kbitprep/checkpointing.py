@@ -21,6 +21,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from .device import has_accelerator
 from .diagnostics import Diagnostic, error_code, warning_code
 
 __all__ = ["CheckpointingPlan", "enable_checkpointing", "has_input_grad_hook", "plan_checkpointing"]
@@ -187,7 +188,7 @@ def plan_checkpointing(
         if value != default and option not in accepted:
             warnings.append(OPTION_UNSUPPORTED(f"{option}={value!r} is not supported by {method} of this "
                                                "transformers version; ignored. Upgrade transformers to use it."))
-    if offload and "offload" in accepted and not _accelerator_available():
+    if offload and "offload" in accepted and not has_accelerator():
         # transformers pins the saved activations in host memory, and pinning needs an
         # accelerator: without one the first checkpointed forward raises deep inside torch.
         warnings.append(OFFLOAD_WITHOUT_ACCELERATOR(
@@ -206,13 +207,6 @@ def plan_checkpointing(
         disables_use_cache=getattr(config, "use_cache", False) is True,
     )
     return _Findings(plan, tuple(warnings), tuple(errors))
-
-
-def _accelerator_available() -> bool:
-    accelerator = getattr(torch, "accelerator", None)
-    if accelerator is not None and hasattr(accelerator, "is_available"):
-        return bool(accelerator.is_available())
-    return torch.cuda.is_available()
 
 
 def _live(handle: RemovableHandle) -> bool:

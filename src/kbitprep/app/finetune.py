@@ -30,6 +30,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ..device import has_accelerator
 from .data import IGNORE_INDEX, CausalLMCollator, Row, TokenizedData, read_jsonl, tokenize_rows
 from .distributed import barrier, start_processes
 from .loading import check_model_folder, compute_dtype, load_quantized_model, load_tokenizer
@@ -213,13 +214,11 @@ class FinetuneRun:
 
     def load(self) -> None:
         """Find the checkpoint to resume from, tokenize the rows, load the (quantized) model."""
-        import torch
-
         self.resume_from = self.resume_point() if self.settings.resume else None
         self.tokenizer = load_tokenizer(self.settings.model)
         self.data = tokenize_rows(self.rows, self.tokenizer, self.settings.seq_len, source=self.settings.data)
         self.report_data_notes()
-        device_index = self.args.local_process_index if torch.cuda.is_available() else None
+        device_index = self.args.local_process_index if has_accelerator() else None
         self.model = load_quantized_model(self.settings.model, self.settings.quantize, device_index=device_index)
 
     def resume_point(self) -> Path | None:

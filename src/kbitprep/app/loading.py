@@ -13,6 +13,7 @@ import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ..device import has_accelerator
 from ..errors import KbitPrepError
 
 if TYPE_CHECKING:
@@ -86,7 +87,7 @@ def compute_dtype(config: dict[str, Any]) -> torch.dtype:
     dtype = getattr(torch, str(named), None)
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         dtype = torch.float32
-    if dtype == torch.float16 and not torch.cuda.is_available():
+    if dtype == torch.float16 and not has_accelerator():
         dtype = torch.float32
     return dtype
 

@@ -31,6 +31,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ..device import has_accelerator
 from ..errors import KbitPrepError
 from .loading import ModelFolderError, check_model_folder, load_quantized_model, load_tokenizer
 from .outputs import ADAPTER_DIR, INCOMPLETE, REPORT, RunFolder
@@ -356,6 +357,4 @@ def merge_run(run_dir: str | os.PathLike[str], output: str | os.PathLike[str], *
 
 def _device_index() -> int | None:
     """Where the run loaded its base: the first accelerator if there is one (bitsandbytes quantizes there)."""
-    import torch
-
-    return 0 if torch.cuda.is_available() else None
+    return 0 if has_accelerator() else None

@@ -9,9 +9,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import torch
 from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments
 
+from ..device import has_accelerator
 from .distributed import barrier
 from .observer import FinetuneObserver
 from .outputs import RunFolder
@@ -40,8 +40,8 @@ def training_arguments(settings: FinetuneSettings, output_dir: Path) -> Training
         data_seed=settings.seed,
         report_to="none",
         disable_tqdm=True,
-        use_cpu=not torch.cuda.is_available(),
-        dataloader_pin_memory=torch.cuda.is_available(),
+        use_cpu=not has_accelerator(),
+        dataloader_pin_memory=has_accelerator(),
         remove_unused_columns=False,
         label_names=["labels"],
         ddp_find_unused_parameters=False,
