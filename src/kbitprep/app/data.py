@@ -1,13 +1,18 @@
 """Training data for `kbitprep finetune`: JSONL rows, tokenized for causal-LM training.
 
-Each line of the file is one JSON object, in one of two forms:
+Each line of the file is one JSON object, in one of three forms:
 
     {"text": "..."}                            every token is trained
     {"prompt": "...", "completion": "..."}     only the completion is trained; the
                                                prompt's labels are -100 (ignored by the loss)
+    {"messages": [{"role": "user", "content": "..."}, {"role": "assistant", ...}, ...]}
+                                               rendered with the chat template; only the
+                                               assistant turns are trained (see `chat`)
 
-Blank lines are skipped. Any other line is an error that names the file and the line,
-raised before anything is loaded or written.
+`text` and `prompt`/`completion` rows may share a file (both become bos + prompt +
+completion + eos); `messages` rows may not be mixed with them, since the model would be
+taught two formats. Blank lines are skipped. Any other line is an error that names the
+file and the line, raised before anything is loaded or written.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ __all__ = [
     "DataError",
     "Row",
     "TokenizedData",
+    "check_one_kind",
     "read_jsonl",
     "tokenize_rows",
 ]
@@ -45,16 +51,46 @@ class Row:
         line (int): its 1-based line number in the file.
         prompt (str): text that conditions the model but is not trained ("" for a `text` row).
         completion (str): the text that is trained (the whole `text` of a `text` row).
+        messages (tuple[dict, ...]): the turns of a `messages` row (each with a "role" and a
+            "content" string); empty for the other kinds. Default: ()
     """
 
     line: int
-    prompt: str
-    completion: str
+    prompt: str = ""
+    completion: str = ""
+    messages: tuple[dict[str, Any], ...] = ()
+
+    @property
+    def kind(self) -> str:
+        """"messages", "prompt" (prompt and completion) or "text"."""
+        return "messages" if self.messages else "prompt" if self.prompt else "text"
+
+
+def _messages_row(value: Any, line: int, where: str) -> Row:
+    """A `messages` row: a list of turns, each a role and a content string, with an assistant turn to train."""
+    if not isinstance(value, list) or not value:
+        raise DataError(f"{where}: \"messages\" must be a non-empty list of {{\"role\": ..., \"content\": ...}} "
+                        f"objects, not {type(value).__name__ if value != [] else 'an empty list'}")
+    for index, turn in enumerate(value):
+        if not isinstance(turn, dict):
+            raise DataError(f"{where}: messages[{index}] must be an object with \"role\" and \"content\", "
+                            f"not {type(turn).__name__}")
+        for key in ("role", "content"):
+            if not isinstance(turn.get(key), str):
+                found = "missing" if key not in turn else f"a {type(turn[key]).__name__}"
+                raise DataError(f"{where}: messages[{index}] \"{key}\" must be a string ({found})")
+    if not any(turn["role"] == "assistant" and turn["content"] for turn in value):
+        roles = ", ".join(turn["role"] for turn in value)
+        raise DataError(f"{where}: no \"assistant\" turn with content (roles: {roles}), so the row has "
+                        "nothing to train")
+    return Row(line, messages=tuple(value))
 
 
 def _row_from_object(value: Any, line: int, where: str) -> Row:
     if not isinstance(value, dict):
         raise DataError(f"{where}: expected a JSON object such as {{\"text\": ...}}, got {type(value).__name__}")
+    if "messages" in value:
+        return _messages_row(value["messages"], line, where)
     if "text" in value:
         text = value["text"]
         if not isinstance(text, str):
@@ -74,8 +110,22 @@ def _row_from_object(value: Any, line: int, where: str) -> Row:
             raise DataError(f"{where}: \"completion\" is empty, so the row has nothing to train")
         return Row(line, value["prompt"], value["completion"])
     keys = ", ".join(sorted(map(str, value))) or "none"
-    raise DataError(f"{where}: a row needs a \"text\" field or \"prompt\" and \"completion\" fields "
-                    f"(found: {keys})")
+    raise DataError(f"{where}: a row needs a \"text\" field, \"prompt\" and \"completion\" fields, "
+                    f"or a \"messages\" list (found: {keys})")
+
+
+def check_one_kind(rows: Sequence[Row], path: str) -> None:
+    """Refuse a file that mixes `messages` rows with `text` or `prompt`/`completion` rows, naming the line.
+
+    Raises:
+        DataError: the first row whose kind differs from the first row's.
+    """
+    chat = rows[0].kind == "messages" if rows else False
+    for row in rows:
+        if (row.kind == "messages") != chat:
+            raise DataError(f"{path}:{row.line}: a \"{row.kind}\" row, but line {rows[0].line} is a "
+                            f"\"{rows[0].kind}\" row; one file holds either \"messages\" rows or "
+                            "\"text\"/\"prompt\" rows. Split it into two files")
 
 
 def read_jsonl(path: str | os.PathLike[str]) -> list[Row]:
@@ -120,6 +170,7 @@ def read_jsonl(path: str | os.PathLike[str]) -> list[Row]:
     if not rows:
         raise DataError(f"{path}: holds no rows; add lines such as {{\"text\": \"...\"}} "
                         "or {\"prompt\": \"...\", \"completion\": \"...\"}")
+    check_one_kind(rows, path)
     return rows
 
 
@@ -150,39 +201,61 @@ def _special_id(tokenizer: Any, name: str) -> list[int]:
     return [] if value is None else [int(value)]
 
 
-def tokenize_rows(rows: Sequence[Row], tokenizer: Any, seq_len: int, *, source: str = "data") -> TokenizedData:
-    """Token ids and labels for each row: `bos + prompt + completion + eos`, cut at `seq_len`.
+def _plain_tokens(row: Row, tokenizer: Any, bos: list[int], eos: list[int]) -> tuple[list[int], list[int]]:
+    """`bos + prompt + completion + eos`, the prompt's labels -100."""
+    prompt = bos + (tokenizer(row.prompt, add_special_tokens=False)["input_ids"] if row.prompt else [])
+    completion = tokenizer(row.completion, add_special_tokens=False)["input_ids"] + eos
+    return prompt + completion, [IGNORE_INDEX] * len(prompt) + completion
 
-    The tokenizer's beginning- and end-of-sequence tokens are added here (where it has
-    them), the same way for every tokenizer, instead of relying on each tokenizer's own
-    `add_special_tokens` habits. Prompt positions get label -100.
+
+def tokenize_rows(rows: Sequence[Row], tokenizer: Any, seq_len: int, *, source: str = "data") -> TokenizedData:
+    """Token ids and labels for each row, cut at `seq_len`.
+
+    `text` and `prompt`/`completion` rows become `bos + prompt + completion + eos`: the
+    tokenizer's beginning- and end-of-sequence tokens are added here (where it has them),
+    the same way for every tokenizer, instead of relying on each tokenizer's own
+    `add_special_tokens` habits; prompt positions get label -100. `messages` rows are
+    rendered with the tokenizer's chat template and trained on the assistant turns only
+    (`kbitprep.app.chat`).
 
     Raises:
-        DataError: no row has a trained token left.
+        DataError: no row has a trained token left, or a chat row cannot be rendered.
     """
+    from .chat import check_chat_template, tokenize_conversation
+
     if seq_len < 2:
         raise DataError(f"seq_len must be at least 2, not {seq_len}")
+    if any(row.kind == "messages" for row in rows):
+        check_chat_template(tokenizer, str(getattr(tokenizer, "name_or_path", "") or "the model"))
     bos, eos = _special_id(tokenizer, "bos"), _special_id(tokenizer, "eos")
     examples, truncated, dropped = [], 0, []
     for row in rows:
-        prompt = bos + (tokenizer(row.prompt, add_special_tokens=False)["input_ids"] if row.prompt else [])
-        completion = tokenizer(row.completion, add_special_tokens=False)["input_ids"] + eos
-        ids = (prompt + completion)[:seq_len]
-        labels = ([IGNORE_INDEX] * len(prompt) + completion)[:seq_len]
-        truncated += len(prompt) + len(completion) > seq_len
+        if row.kind == "messages":
+            ids, labels = tokenize_conversation(row.messages, tokenizer, f"{source}:{row.line}")
+        else:
+            ids, labels = _plain_tokens(row, tokenizer, bos, eos)
+        truncated += len(ids) > seq_len
+        ids, labels = ids[:seq_len], labels[:seq_len]
         # The first position is never a target (nothing comes before it), so it does not count.
         if all(label == IGNORE_INDEX for label in labels[1:]):
             dropped.append(row.line)
             continue
         examples.append({"input_ids": ids, "labels": labels})
     if not examples:
-        raise DataError(f"{source}: no row has a completion token within --seq-len {seq_len}; "
+        what = "an assistant token" if rows and rows[0].kind == "messages" else "a completion token"
+        raise DataError(f"{source}: no row has {what} within --seq-len {seq_len}; "
                         "raise --seq-len or shorten the prompts")
     return TokenizedData(examples, truncated, tuple(dropped))
 
 
 class CausalLMCollator:
-    """Pads a list of examples on the right into `input_ids`, `attention_mask` and `labels` tensors."""
+    """Pads a list of examples on the right into `input_ids`, `attention_mask` and `labels` tensors.
+
+    Packed examples (with `position_ids`, from `kbitprep.app.packing`) get `position_ids`
+    instead of an `attention_mask`, and `use_cache=False`: that is how transformers is told
+    to keep the packed rows apart (see `kbitprep.app.packing`). Their padding continues as
+    one more short row of its own.
+    """
 
     def __init__(self, pad_token_id: int) -> None:
         self.pad_token_id = pad_token_id
@@ -193,8 +266,13 @@ class CausalLMCollator:
         examples = list(examples)
         width = max(len(example["input_ids"]) for example in examples)
         pad = [width - len(example["input_ids"]) for example in examples]
-        return {
+        batch: dict[str, Any] = {
             "input_ids": torch.tensor([e["input_ids"] + [self.pad_token_id] * n for e, n in zip(examples, pad)]),
-            "attention_mask": torch.tensor([[1] * len(e["input_ids"]) + [0] * n for e, n in zip(examples, pad)]),
             "labels": torch.tensor([e["labels"] + [IGNORE_INDEX] * n for e, n in zip(examples, pad)]),
         }
+        if "position_ids" in examples[0]:
+            batch["position_ids"] = torch.tensor([e["position_ids"] + list(range(n)) for e, n in zip(examples, pad)])
+            batch["use_cache"] = False
+        else:
+            batch["attention_mask"] = torch.tensor([[1] * len(e["input_ids"]) + [0] * n for e, n in zip(examples, pad)])
+        return batch

@@ -24,11 +24,12 @@ from .data import read_jsonl
 from .finetune import FinetuneObserver, FinetuneReport, FinetuneSettings, run_pipeline
 from .outputs import BASE_MODEL_DIR
 
-__all__ = ["DEMO_DATA", "DEMO_MODEL", "build_tiny_model", "demo_settings", "run_demo"]
+__all__ = ["DEMO_CHAT_DATA", "DEMO_DATA", "DEMO_MODEL", "build_tiny_model", "demo_settings", "run_demo"]
 
 _PACKAGE_DATA = resources.files("kbitprep") / "data"
 DEMO_MODEL = _PACKAGE_DATA / "tiny-llama"  # config.json, tokenizer.json, tokenizer_config.json
 DEMO_DATA = _PACKAGE_DATA / "demo.jsonl"
+DEMO_CHAT_DATA = _PACKAGE_DATA / "demo-chat.jsonl"  # the same task as conversations, for the chat template
 DEMO_STEPS = 120
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 
