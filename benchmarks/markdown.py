@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from kbitprep.report import format_count
 
 from .capture import Emitted, distinct
+from .packing import render_packing
 from .results import BenchmarkResults, check_targets
 from .shapes import published_source
 from .training import PATTERN_TOKENS, WARNING_STEPS, WORKER_ENV, TrainingResult
@@ -326,5 +327,5 @@ def _notes(results: BenchmarkResults) -> list[str]:
 def render(results: BenchmarkResults) -> str:
     """BENCHMARKS.md for a run."""
     parts = [_header(results), _targets(results), _footprint(results), _training(results), _prepare_time(results),
-             _warnings(results), _notes(results)]
+             _warnings(results), render_packing(results.packing), _notes(results)]
     return "\n".join(line for part in parts for line in part).rstrip() + "\n"

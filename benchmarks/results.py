@@ -6,6 +6,7 @@ import dataclasses
 from collections.abc import Callable
 
 from .footprint import FootprintRow
+from .packing import PackingResult
 from .machine import Machine
 from .real_model import RealModelResult
 from .training import TrainingResult, TrainingSettings
@@ -28,6 +29,7 @@ class BenchmarkResults:
     training_footprint: FootprintRow
     training_settings: TrainingSettings | None
     training: dict[str, TrainingResult]
+    packing: PackingResult | None = None
 
     def footprint_of(self, model: str) -> FootprintRow | None:
         return next((row for row in self.footprint if row.model == model), None)

@@ -4,7 +4,8 @@
    4-bit Qwen2-0.5B;
 2. LoRA training of a ~110M-parameter 4-bit model: memory, step time, loss;
 3. preparation time on the real Qwen2-0.5B;
-4. warnings of preparation and the first training steps.
+4. warnings of preparation and the first training steps;
+5. packing: trained tokens per second with and without `--pack` on rows of mixed lengths.
 
 Each compares kbitprep's policies with the reference, `peft.prepare_model_for_kbit_training`,
 measured in the same run. The full run takes about four minutes on two CPU cores (more
@@ -33,6 +34,7 @@ import transformers  # noqa: E402
 from benchmarks.footprint import measure_footprint  # noqa: E402
 from benchmarks.machine import describe_machine  # noqa: E402
 from benchmarks.markdown import render  # noqa: E402
+from benchmarks.packing import PackingSettings, measure_packing  # noqa: E402
 from benchmarks.real_model import measure_real_model  # noqa: E402
 from benchmarks.results import BenchmarkResults, check_targets  # noqa: E402
 from benchmarks.shapes import PUBLISHED_CONFIGS, REAL_SHAPE, TINY_CONFIG, TRAINING_CONFIG  # noqa: E402
@@ -59,6 +61,7 @@ def _parser() -> argparse.ArgumentParser:
                         help=f"torch threads per training worker, 0 for torch's default (default {defaults.threads})")
     parser.add_argument("--skip-real", action="store_true", help="skip the materialised model (validation, prep time)")
     parser.add_argument("--skip-training", action="store_true", help="skip training and its warnings")
+    parser.add_argument("--skip-packing", action="store_true", help="skip the packing throughput comparison")
     parser.add_argument("--quick", action="store_true",
                         help="tiny models and few steps everywhere: checks the script, measures nothing useful")
     return parser
@@ -98,11 +101,17 @@ def run(args: argparse.Namespace, command: str) -> BenchmarkResults:
                              threads=threads)
         training = run_training(training_config, TRAINED_VARIANTS, settings, log=_log)
 
+    packing = None
+    if not args.skip_packing:
+        _log("[5] packing: trained tokens per second, padded and packed")
+        quick = PackingSettings(rows=16, seq_len=64, steps=2, rounds=1)
+        packing = measure_packing(quick if args.quick else PackingSettings(), log=_log)
+
     return BenchmarkResults(
         command=command, started_utc=started_utc, duration_s=time.perf_counter() - started, machine=machine,
         footprint=footprint, real=real, training_config=training_config,
         training_footprint=measure_footprint("training model", training_config),
-        training_settings=settings, training=training,
+        training_settings=settings, training=training, packing=packing,
     )
 
 

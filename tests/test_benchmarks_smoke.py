@@ -15,6 +15,7 @@ from benchmarks.checkpoints import save_random_checkpoint  # noqa: E402
 from benchmarks.footprint import measure_footprint  # noqa: E402
 from benchmarks.machine import describe_machine  # noqa: E402
 from benchmarks.markdown import render  # noqa: E402
+from benchmarks.packing import PackingSettings, measure_packing, mixed_rows, render_packing  # noqa: E402
 from benchmarks.real_model import measure_real_model  # noqa: E402
 from benchmarks.results import BenchmarkResults, check_targets  # noqa: E402
 from benchmarks.shapes import PUBLISHED_CONFIGS, TINY_CONFIG  # noqa: E402
@@ -68,3 +69,14 @@ def test_training_worker_and_report_render(tiny_row, tmp_path):
     assert "tiny-Qwen2" in text
     outcomes = {target.name: met for target, _, met in check_targets(results)}
     assert outcomes['"all" footprint equal to the reference, to the byte'] is True
+
+
+def test_packing_benchmark_runs_and_renders():
+    rows = mixed_rows(40, 64, vocab=100)
+    assert all(16 <= len(row["input_ids"]) <= 64 for row in rows) and rows == mixed_rows(40, 64, vocab=100)
+    result = measure_packing(PackingSettings(rows=12, seq_len=64, batch_size=2, steps=2, rounds=1, threads=1),
+                             log=lambda _: None)
+    assert result.packed.tokens < result.padded.tokens or result.packed.trained_tokens > result.padded.trained_tokens
+    assert result.packing_summary["rows"] == 12 and result.packing_summary["padding_tokens_saved"] > 0
+    text = "\n".join(render_packing(result))
+    assert "## Packing: trained tokens per second" in text and "| packed |" in text
