@@ -96,7 +96,6 @@ def mixed_rows(count: int, seq_len: int, *, vocab: int, seed: int = 0) -> list[d
 
 def _model(directory: Path) -> torch.nn.Module:
     from peft import LoraConfig, get_peft_model
-
     from transformers import AutoModelForCausalLM
 
     from kbitprep import prepare_model_for_kbit_training
@@ -179,20 +178,20 @@ def render_packing(result: PackingResult | None) -> list[str]:
     q1, median, q3 = result.length_quartiles
     lines = [
         "## Packing: trained tokens per second", "",
-        f"{s.rows} rows of mixed lengths (quartiles {q1} / {median} / {q3} tokens; three in four 16-128, one in "
-        f"four 128-{s.seq_len}; a quarter of each row a masked prompt), batch {s.batch_size}, "
-        f"`--seq-len {s.seq_len}`, a 2-layer Llama (hidden 128, vocabulary 2048) in 4-bit NF4 computing in "
-        f"float32, LoRA r=16 on the attention, the first {s.steps} batches of each mode timed as optimizer steps "
-        f"{s.rounds} times (the modes alternating; each batch counts its fastest time), {s.threads} threads. Padded: rows in random order, "
-        "each batch padded to its longest row (`finetune` without `--pack`). Packed: `--pack` "
-        f"({summary['rows']} rows into {summary['packs']} sequences).", "",
+        (f"{s.rows} rows of mixed lengths (quartiles {q1} / {median} / {q3} tokens; three in four short, one in four "
+         f"up to {s.seq_len}; a quarter of each row a masked prompt), batch {s.batch_size}, `--seq-len {s.seq_len}`, "
+         "a 2-layer Llama (hidden 128, vocabulary 2048) in 4-bit NF4 computing in float32, LoRA r=16 on the "
+         f"attention, the first {s.steps} batches of each mode timed as optimizer steps {s.rounds} times (the modes "
+         f"alternating; each batch counts its fastest time), {s.threads} threads. Padded: rows in random order, "
+         "each batch padded to its longest row (`finetune` without `--pack`). Packed: `--pack` "
+         f"({summary['rows']} rows into {summary['packs']} sequences)."), "",
         "| mode | trained tokens/s | tokens computed that are padding or masked | |",
         "| --- | ---: | ---: | --- |",
         f"| padded | {result.padded.trained_per_second:,.0f} | {100 * result.padded.padding_fraction:.0f}% | |",
-        f"| packed | {result.packed.trained_per_second:,.0f} | {100 * result.packed.padding_fraction:.0f}% | "
-        f"**{result.speedup:.2f}x** |", "",
-        f"Over one epoch in file order the packer reports {summary['padding_tokens_unpacked']:,} padding tokens "
-        f"unpacked and {summary['padding_tokens_packed']:,} packed ({summary['padding_tokens_saved']:,} saved; "
-        "`report.json` records the same figures for a `--pack` run).", "",
+        (f"| packed | {result.packed.trained_per_second:,.0f} | {100 * result.packed.padding_fraction:.0f}% | "
+         f"**{result.speedup:.2f}x** |"), "",
+        (f"Over one epoch in file order the packer reports {summary['padding_tokens_unpacked']:,} padding tokens "
+         f"unpacked and {summary['padding_tokens_packed']:,} packed ({summary['padding_tokens_saved']:,} saved; "
+         "`report.json` records the same figures for a `--pack` run)."), "",
     ]
     return lines

@@ -1,0 +1,124 @@
+"""Evaluation during training: the loss and perplexity on rows the run does not train on.
+
+The rows come from `--eval-data FILE` or are held out of DATA by `--eval-fraction F`
+(a seeded choice, so a resumed run holds out the same rows). Every `--eval-steps`
+optimizer steps, and after the last, the model computes its loss on all of them:
+
+    eval loss  = sum of the token losses / trained tokens   (every token weighs the same,
+                                                            whatever the batch it falls in)
+    perplexity = exp(eval loss)
+
+Each batch goes through `kbitprep.app.loss.causal_lm_loss`, the memory-lean loss training
+uses: only positions with a label reach the LM head, in chunks, so no (tokens x
+vocabulary) logits tensor of a batch, let alone of the eval set, ever exists. The figures
+go into the Trainer's log history (so a checkpoint keeps them and a resumed run carries
+them on), to the observer (the progress line), report.json and loss.png.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from .data import IGNORE_INDEX, CausalLMCollator, DataError, Row, TokenizedData
+from .observer import FinetuneObserver
+
+if TYPE_CHECKING:
+    from torch import nn
+
+__all__ = ["EVAL_LOSS", "EVAL_PERPLEXITY", "eval_every", "eval_history", "evaluate", "hold_out", "make_eval_callback"]
+
+EVAL_LOSS, EVAL_PERPLEXITY = "eval_loss", "eval_perplexity"  # keys in the Trainer's log history
+_EVALUATIONS = 10  # without --eval-steps: this many evaluations over the run
+
+
+def hold_out(rows: Sequence[Row], fraction: float, seed: int, source: str) -> tuple[list[Row], list[Row]]:
+    """(training rows, evaluation rows): `fraction` of the rows, at least one, chosen with `seed`.
+
+    Both keep file order.
+
+    Raises:
+        DataError: fewer than two rows, so nothing would be left to train or to evaluate.
+    """
+    if len(rows) < 2:
+        raise DataError(f"{source}: --eval-fraction needs at least 2 rows to split, the file has {len(rows)}; "
+                        "pass --eval-data FILE instead")
+    count = min(len(rows) - 1, max(1, round(fraction * len(rows))))
+    chosen = set(random.Random(seed).sample(range(len(rows)), count))
+    return ([row for i, row in enumerate(rows) if i not in chosen], [row for i, row in enumerate(rows) if i in chosen])
+
+
+def eval_every(eval_steps: int | None, max_steps: int) -> int:
+    """Steps between evaluations: `eval_steps`, or a tenth of the run (at least 1)."""
+    return eval_steps if eval_steps is not None else max(1, max_steps // _EVALUATIONS)
+
+
+def evaluate(model: nn.Module, data: TokenizedData, batch_size: int, pad_token_id: int, *,
+             loss: str = "chunked") -> tuple[float, float]:
+    """The token-averaged loss of `model` on `data`, and its perplexity, in evaluation mode without gradients.
+
+    Args:
+        model (nn.Module): the causal LM (peft-wrapped or not).
+        data (TokenizedData): the evaluation rows, tokenized as the training rows are.
+        batch_size (int): rows per forward pass.
+        pad_token_id (int): the padding id.
+        loss (str): "chunked" (never the full logits) or "full". Default: "chunked"
+
+    Returns:
+        tuple[float, float]: (loss, perplexity).
+    """
+    import torch
+
+    from .loss import causal_lm_loss
+
+    collate = CausalLMCollator(pad_token_id)
+    device = next(p.device for p in model.parameters())
+    total, tokens = 0.0, 0
+    was_training = model.training
+    model.eval()
+    try:
+        for start in range(0, len(data), batch_size):
+            batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v
+                     for k, v in collate(data.examples[start:start + batch_size]).items()}
+            count = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+            if count:
+                with torch.no_grad():  # num_items_in_batch=1: the sum over the batch's tokens
+                    total += float(causal_lm_loss(model, batch, num_items_in_batch=1, loss=loss))
+                tokens += count
+    finally:
+        model.train(was_training)
+    mean = total / tokens if tokens else float("nan")
+    return mean, math.exp(min(mean, 700.0))  # exp(>709) overflows a float: an untrained model's perplexity
+
+
+def eval_history(log_history: Sequence[dict[str, Any]]) -> list[dict[str, float]]:
+    """One entry per evaluation (step, loss, perplexity) from the Trainer's log history."""
+    history = {int(entry["step"]): {"step": int(entry["step"]), "loss": float(entry[EVAL_LOSS]),
+                                    "perplexity": float(entry[EVAL_PERPLEXITY])}
+               for entry in log_history if EVAL_LOSS in entry and "step" in entry}
+    return [history[step] for step in sorted(history)]
+
+
+def make_eval_callback(data: TokenizedData, batch_size: int, pad_token_id: int, eval_steps: int | None,
+                       observer: FinetuneObserver, *, loss: str = "chunked") -> Any:
+    """A TrainerCallback that evaluates every `eval_every(...)` steps and after the last step.
+
+    Every process evaluates the whole set (the same figures everywhere, and a sharded model
+    runs its forward on all processes together); the main process tells the observer.
+    """
+    from transformers import TrainerCallback
+
+    class EvalCallback(TrainerCallback):
+        def on_step_end(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
+            every = eval_every(eval_steps, state.max_steps)
+            if state.global_step % every and state.global_step != state.max_steps:
+                return
+            value, perplexity = evaluate(model, data, batch_size, pad_token_id, loss=loss)
+            # In the log history, so a checkpoint saved at this step keeps it for a resumed run.
+            state.log_history.append({"step": state.global_step, EVAL_LOSS: value, EVAL_PERPLEXITY: perplexity})
+            if state.is_world_process_zero:
+                observer.on_eval(state.global_step, value, perplexity)
+
+    return EvalCallback()
