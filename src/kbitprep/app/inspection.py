@@ -16,7 +16,7 @@ from typing import Any
 from .loading import ModelFolderError, check_model_folder, has_weights, load_quantized_model
 from ..plan import META_DEVICE, UPCAST_POLICIES, PreparationPlan, plan_preparation
 
-__all__ = ["InspectReport", "inspect_model"]
+__all__ = ["InspectReport", "inspect_model", "without_meta_error"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,7 +45,8 @@ class InspectReport:
                 "plans": {policy: plan.to_dict() for policy, plan in self.plans.items()}}
 
 
-def _without_meta_error(plan: PreparationPlan) -> PreparationPlan:
+def without_meta_error(plan: PreparationPlan) -> PreparationPlan:
+    """The plan without the error that its weights are on the meta device (sizing from config.json)."""
     # Planning a meta-device skeleton reports that its weights were never loaded, which is
     # the point of sizing from config.json; every other error stays.
     return dataclasses.replace(plan, diagnostics=tuple(d for d in plan.diagnostics if d.code != META_DEVICE.code))
@@ -80,7 +81,7 @@ def inspect_model(path: str | os.PathLike[str], *, quantize: str = "nf4", meta: 
         source = "weights"
     plans = {policy: plan_preparation(model, upcast=policy) for policy in UPCAST_POLICIES}
     if source == "meta":
-        plans = {policy: _without_meta_error(plan) for policy, plan in plans.items()}
+        plans = {policy: without_meta_error(plan) for policy, plan in plans.items()}
     architectures = config.get("architectures") or [type(model).__name__]
     return InspectReport(
         model=os.fspath(path), quantize=quantize, source=source,

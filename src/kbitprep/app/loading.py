@@ -79,15 +79,19 @@ def has_weights(folder: str | os.PathLike[str]) -> bool:
     return any(next(Path(folder).glob(pattern), None) is not None for pattern in WEIGHT_PATTERNS)
 
 
-def compute_dtype(config: dict[str, Any]) -> torch.dtype:
-    """The dtype to compute in: the config's, except float16 on a CPU (slow there) becomes float32."""
+def compute_dtype(config: dict[str, Any], device: str | None = None) -> torch.dtype:
+    """The dtype to compute in: the config's, except float16 on a CPU (slow there) becomes float32.
+
+    `device` ("cpu", "cuda") is where the run trains; None: this machine's (an accelerator when it has one).
+    """
     import torch
 
     named = config.get("dtype") or config.get("torch_dtype") or "float32"
     dtype = getattr(torch, str(named), None)
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         dtype = torch.float32
-    if dtype == torch.float16 and not has_accelerator():
+    on_cpu = device == "cpu" if device is not None else not has_accelerator()
+    if dtype == torch.float16 and on_cpu:
         dtype = torch.float32
     return dtype
 

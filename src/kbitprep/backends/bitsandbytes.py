@@ -203,13 +203,39 @@ def _pack_like_a_real_load(model: nn.Module, bnb_config: Any, dtype: torch.dtype
             numel = weight.numel()
             # bitsandbytes packs two 4-bit values per byte into a column of storage elements.
             packed = torch.empty(((numel + 1) // (2 * storage.itemsize), 1), dtype=storage, device="meta")
-            state = QuantState(absmax=torch.empty(0, device="meta"), shape=weight.shape, blocksize=64,
-                               quant_type=bnb_config.bnb_4bit_quant_type, dtype=dtype)
+            state = _quant_state(QuantState, weight.shape, bnb_config, dtype)
             module.weight = bnb.nn.Params4bit(packed, requires_grad=False, quant_state=state, bnb_quantized=True,
                                               quant_type=bnb_config.bnb_4bit_quant_type, quant_storage=storage,
                                               module=module)
         elif isinstance(module, bnb.nn.Linear8bitLt):
             module.weight.data = torch.empty(module.weight.shape, dtype=torch.int8, device="meta")
+            # int8 quantization leaves the int8 rows (CB, the weight itself) and one fp32 scale per row
+            module.weight.CB = module.weight.data
+            module.weight.SCB = torch.empty(module.weight.shape[0], dtype=torch.float32, device="meta")
+
+
+# bitsandbytes' 4-bit block sizes: values per fp32 scale, and scales per scale of the scales.
+_BLOCKSIZE, _NESTED_BLOCKSIZE = 64, 256
+
+
+def _quant_state(QuantState: Any, shape: torch.Size, bnb_config: Any, dtype: torch.dtype) -> Any:  # noqa: N803
+    """A 4-bit weight's quantization state with the tensors a real load gives it, on meta.
+
+    One scale per block of 64 values (fp32; with double quantization uint8 codes, plus an
+    offset and, per 256 of them, one fp32 scale and a 256-entry code table), and the
+    16-entry code table of the 4-bit format. The memory model counts them.
+    """
+    blocks = -(-shape.numel() // _BLOCKSIZE)
+    code = torch.empty(16, dtype=torch.float32, device="meta")
+    if not bnb_config.bnb_4bit_use_double_quant:
+        return QuantState(absmax=torch.empty(blocks, dtype=torch.float32, device="meta"), shape=shape, code=code,
+                          blocksize=_BLOCKSIZE, quant_type=bnb_config.bnb_4bit_quant_type, dtype=dtype)
+    nested = QuantState(absmax=torch.empty(-(-blocks // _NESTED_BLOCKSIZE), dtype=torch.float32, device="meta"),
+                        code=torch.empty(256, dtype=torch.float32, device="meta"), blocksize=_NESTED_BLOCKSIZE,
+                        dtype=torch.float32)
+    return QuantState(absmax=torch.empty(blocks, dtype=torch.uint8, device="meta"), shape=shape, code=code,
+                      blocksize=_BLOCKSIZE, quant_type=bnb_config.bnb_4bit_quant_type, dtype=dtype,
+                      offset=torch.empty((), dtype=torch.float32, device="meta"), state2=nested)
 
 
 def quantize_skeleton(model: nn.Module, bnb_config: Any, dtype: torch.dtype) -> nn.Module:
