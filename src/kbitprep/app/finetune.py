@@ -33,7 +33,8 @@ from typing import TYPE_CHECKING, Any
 from ..device import has_accelerator
 from .data import IGNORE_INDEX, CausalLMCollator, Row, TokenizedData, read_jsonl, tokenize_rows
 from .distributed import barrier, start_processes
-from .loading import check_model_folder, compute_dtype, load_quantized_model, load_tokenizer
+from .live_bytes import PeakMeter
+from .loading import check_model_folder, compute_dtype, error_summary, load_quantized_model, load_tokenizer
 from .lora import attach_lora, linear_layer_names
 from .observer import FinetuneObserver
 from .outputs import ADAPTER_DIR, LOSS_PLOT, REPORT, RunFolder, atomic_directory, atomic_write_bytes, checkpoint_step
@@ -132,6 +133,7 @@ class FinetuneRun:
     loss_after: float
     samples: list[dict[str, str]]
     history: list[dict[str, float]]
+    memory: dict[str, Any]  # predicted and measured peak
 
     def __init__(self, settings: FinetuneSettings, rows: Sequence[Row], observer: FinetuneObserver | None = None,
                  *, setup: Callable[[Path], object] | None = None) -> None:
@@ -162,14 +164,16 @@ class FinetuneRun:
     def train_and_save(self) -> FinetuneReport:
         """Every phase after the claim; the timings cover all but the writing of the files."""
         started = time.perf_counter()
+        self.predict_memory()
         with self.timed("load_s"):
             self.load()
-        with self.timed("prepare_s"):
-            self.prepare()
-            self.adapt()
-        self.measure_before()
-        with self.timed("train_s"):
-            self.train()
+        with self.measured_memory():
+            with self.timed("prepare_s"):
+                self.prepare()
+                self.adapt()
+            self.measure_before()
+            with self.timed("train_s"):
+                self.train()
         self.measure_after()
         if self.main:
             self.timings["total_s"] = time.perf_counter() - started
@@ -185,7 +189,37 @@ class FinetuneRun:
         yield
         self.timings[name] = time.perf_counter() - started
 
+    @contextlib.contextmanager
+    def measured_memory(self) -> Iterator[None]:
+        """Measure the peak of live tensor bytes over the block (from preparation to the end of training)."""
+        meter = PeakMeter(self.model).start()
+        try:
+            yield
+        finally:
+            measured = meter.stop()
+        self.memory = {**self.memory, "measured_peak_bytes": measured, "measured_by": meter.method}
+        predicted = self.memory.get("predicted_peak_bytes")
+        if predicted and measured:
+            self.memory["error_percent"] = round(100 * (predicted - measured) / measured, 2)
+
     # --- the phases ----------------------------------------------------------------------
+
+    def predict_memory(self) -> None:
+        """The memory model's estimate of the run's peak, from config.json alone, before anything is loaded.
+
+        The estimate is advice: a model it cannot size still trains, and report.json says why.
+        """
+        import torch
+
+        from .memory import MemorySettings, estimate_memory
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        try:
+            estimate = estimate_memory(self.settings.model, MemorySettings.from_run(self.settings, device=device))
+        except Exception as error:  # noqa: BLE001 - see the docstring
+            self.memory = {"predicted": None, "why_not_predicted": error_summary(error)}
+            return
+        self.memory = {"predicted": estimate.to_dict(), "predicted_peak_bytes": estimate.total}
 
     def claim(self) -> str:
         """Check the run folder, start the processes, and mark the folder INCOMPLETE; returns its state before."""
@@ -319,6 +353,7 @@ class FinetuneRun:
             versions=package_versions(),
             files={"adapter": str(self.folder.path / ADAPTER_DIR), "report": str(self.folder.path / REPORT),
                    "loss_plot": str(self.folder.path / LOSS_PLOT)},
+            memory=self.memory,
         )
 
     def data_summary(self) -> dict[str, Any]:

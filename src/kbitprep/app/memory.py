@@ -283,11 +283,10 @@ class TrainingSkeleton:
         return plan
 
     def _adapt(self) -> nn.Module:
-        from .finetune import attach_lora
+        from .lora import attach_lora
 
         with torch.device("meta"):  # adapters are made where they live: no host memory, no initialisation cost
-            return attach_lora(self.model, r=self.settings.lora_r, alpha=2.0 * self.settings.lora_r,
-                               dropout=self.settings.lora_dropout, target_modules=self.settings.target_modules)
+            return attach_lora(self.model, self.settings)  # the function `finetune` attaches its adapters with
 
     @property
     def trainable(self) -> list[torch.Tensor]:

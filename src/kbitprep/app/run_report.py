@@ -36,6 +36,10 @@ class FinetuneReport:
         timings (dict[str, float]): seconds per phase.
         versions (dict[str, str]): package versions.
         files (dict[str, str]): the run's output files.
+        memory (dict): the memory model's predicted peak (`MemoryEstimate.to_dict()` under
+            "predicted", or "why_not_predicted") beside the peak of live tensor bytes measured from
+            preparation to the end of training ("measured_peak_bytes", "measured_by"), and the
+            prediction's error in percent.
     """
 
     settings: dict[str, Any]
@@ -51,6 +55,7 @@ class FinetuneReport:
     timings: dict[str, float]
     versions: dict[str, str]
     files: dict[str, str]
+    memory: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     @property
     def loss_drop(self) -> float:
