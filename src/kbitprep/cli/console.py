@@ -20,10 +20,12 @@ from ..report import format_bytes, format_count
 
 if TYPE_CHECKING:
     from ..app.inspection import InspectReport
+    from ..app.memory import MemoryReport
     from ..app.run_report import FinetuneReport
     from ..plan import PreparationPlan
 
-__all__ = ["RichObserver", "make_consoles", "quiet_third_party", "render_finetune_report", "render_inspect_report"]
+__all__ = ["RichObserver", "make_consoles", "quiet_third_party", "render_finetune_report", "render_inspect_report",
+           "render_memory_report"]
 
 
 def make_consoles() -> tuple[Console, Console]:
@@ -165,3 +167,36 @@ def render_inspect_report(console: Console, report: InspectReport) -> None:
                 if message not in seen:
                     seen.add(message)
                     console.print(f"{label} ({policy}): {message}", markup=False, highlight=False, style="yellow")
+
+
+def render_memory_report(console: Console, report: MemoryReport) -> None:
+    """A training step's predicted peak, part by part, and what fits a budget."""
+    estimate, settings = report.estimate, report.estimate.settings
+    console.print(
+        f"\n[bold]training step memory[/]  batch {settings.batch_size} x {settings.seq_len} tokens, LoRA r="
+        f"{settings.lora_r}, loss {settings.loss}, upcast {settings.upcast}, checkpointing "
+        f"{'on' if settings.gradient_checkpointing else 'off'}, {settings.optimizer}, on {settings.device} "
+        f"({estimate.compute_dtype})", highlight=False)
+    table = Table(title_justify="left")
+    for column, justify in (("component", "left"), ("bytes", "right"), ("share", "right"), ("what", "left")):
+        table.add_column(column, justify=justify)
+    for part in estimate.components:
+        table.add_row(part.name, format_bytes(part.bytes), f"{100 * part.bytes / max(estimate.total, 1):.1f}%",
+                      part.detail)
+    table.add_row("[bold]peak[/]", f"[bold]{format_bytes(estimate.total)}[/]", "100%", f"at {estimate.peak_at}")
+    console.print(table)
+    fit = report.fit
+    if fit is not None:
+        verdict = "[green]fits[/]" if fit.fits else "[red]does not fit[/]"
+        console.print(f"budget {format_bytes(fit.budget)}: {verdict}; largest batch size at {settings.seq_len} "
+                      f"tokens: {_at_least(fit.largest_batch_size, fit.search_limit)}; longest sequence at batch "
+                      f"{settings.batch_size}: {_at_least(fit.largest_seq_len, fit.search_limit)} tokens",
+                      highlight=False)
+    console.print("not counted: the CUDA context, allocator slack and kernel workspaces; leave the context "
+                  "(about 0.5 GiB) and ~10% of the device free", style="dim", highlight=False)
+
+
+def _at_least(value: int, limit: int) -> str:
+    if value <= 0:
+        return "none"
+    return f"at least {value:,}" if value >= limit else f"{value:,}"
