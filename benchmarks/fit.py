@@ -1,0 +1,217 @@
+"""The memory model against measurement: a grid of real `finetune` runs on this CPU.
+
+Each row is a real run of `kbitprep.app.finetune.finetune` (the code `kbitprep finetune`
+runs: load in 4-bit, prepare, LoRA, the transformers Trainer), two optimizer steps on a
+model with random weights and a file of full-length rows. `finetune` itself records in
+report.json the peak of live tensor bytes from preparation to the end of training
+(every storage counted from its allocation to its release, `kbitprep.app.live_bytes`)
+and the memory model's prediction, made from config.json before the model was loaded.
+The table is those two numbers and the error of the prediction.
+
+Models are tiny in width so that the grid takes minutes, and real in everything else:
+four architectures (Llama with 6 layers, so the depth extrapolation is exercised;
+Qwen2 with its 151,936-token vocabulary and tied embeddings; GPT-2 with Conv1D layers
+and learned positions; Gemma-2 with softcapping and sliding-window layers), both losses,
+both upcast policies, ranks 8 to 64, batch 1 to 4, sequence 128 to 1024.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import random
+import shutil
+import statistics
+import tempfile
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+__all__ = ["FIT_GRID", "FitCase", "FitGridResult", "FitRow", "QUICK_GRID", "measure_fit_grid"]
+
+_WIDTH = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
+              max_position_embeddings=2048, torch_dtype="bfloat16")
+
+ARCHITECTURES: Mapping[str, Mapping[str, Any]] = {
+    "llama-6L": {"model_type": "llama", "architectures": ["LlamaForCausalLM"], **_WIDTH, "num_hidden_layers": 6,
+                 "vocab_size": 32000, "tie_word_embeddings": False},
+    "qwen2-152k": {"model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"], **_WIDTH, "num_hidden_layers": 2,
+                   "vocab_size": 151936, "tie_word_embeddings": True},
+    "gpt2": {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "n_embd": 64, "n_layer": 3, "n_head": 4,
+             "n_positions": 2048, "vocab_size": 50257, "torch_dtype": "bfloat16", "resid_pdrop": 0.0,
+             "embd_pdrop": 0.0, "attn_pdrop": 0.0},
+    "gemma2": {"model_type": "gemma2", "architectures": ["Gemma2ForCausalLM"], **_WIDTH, "num_hidden_layers": 2,
+               "head_dim": 16, "vocab_size": 16384, "sliding_window": 64, "final_logit_softcapping": 30.0,
+               "attn_logit_softcapping": 50.0, "query_pre_attn_scalar": 16},
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class FitCase:
+    """One training configuration of the grid."""
+
+    arch: str
+    loss: str
+    upcast: str
+    lora_r: int
+    batch_size: int
+    seq_len: int
+
+    @property
+    def name(self) -> str:
+        return (f"{self.arch} {self.loss} {self.upcast} r{self.lora_r} "
+                f"b{self.batch_size} s{self.seq_len}")
+
+
+FIT_GRID: tuple[FitCase, ...] = (
+    FitCase("llama-6L", "full", "all", 8, 1, 128),
+    FitCase("llama-6L", "full", "norms", 16, 4, 512),
+    FitCase("llama-6L", "chunked", "norms", 64, 2, 1024),
+    FitCase("llama-6L", "chunked", "all", 32, 4, 256),
+    FitCase("qwen2-152k", "full", "norms", 16, 1, 128),
+    FitCase("qwen2-152k", "full", "all", 8, 2, 256),
+    FitCase("qwen2-152k", "chunked", "norms", 32, 2, 1024),
+    FitCase("qwen2-152k", "chunked", "all", 64, 4, 512),
+    FitCase("gpt2", "full", "norms", 8, 2, 512),
+    FitCase("gpt2", "full", "all", 64, 4, 128),
+    FitCase("gpt2", "chunked", "norms", 16, 1, 1024),
+    FitCase("gemma2", "full", "norms", 32, 2, 256),
+    FitCase("gemma2", "chunked", "all", 16, 3, 512),
+    FitCase("gemma2", "full", "all", 64, 1, 1024),
+)
+
+QUICK_GRID: tuple[FitCase, ...] = (
+    FitCase("llama-6L", "full", "norms", 8, 1, 64),
+    FitCase("gpt2", "full", "all", 8, 2, 32),
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class FitRow:
+    """One run: what the memory model predicted and what `finetune` measured."""
+
+    case: FitCase
+    predicted: int
+    measured: int
+    peak_at: str
+    components: dict[str, int]
+    seconds: float
+
+    @property
+    def error(self) -> float:
+        """Signed relative error of the prediction: +0.02 is 2% over."""
+        return (self.predicted - self.measured) / self.measured
+
+
+@dataclasses.dataclass(frozen=True)
+class FitGridResult:
+    """The whole grid, with the measuring method as `finetune` recorded it."""
+
+    rows: list[FitRow]
+    measured_by: str
+    steps: int
+    duration_s: float
+
+    @property
+    def worst_error(self) -> float:
+        return max(abs(row.error) for row in self.rows)
+
+    @property
+    def mean_error(self) -> float:
+        return statistics.fmean(abs(row.error) for row in self.rows)
+
+
+def _losses() -> tuple[str, ...]:
+    from kbitprep.app.memory import LOSSES
+
+    return tuple(LOSSES)
+
+
+def _write_model(config: Mapping[str, Any], folder: Path, seed: int) -> Path:
+    """Random weights for `config` in its dtype, with the demo's character tokenizer beside them."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from kbitprep.app.demo import DEMO_MODEL
+
+    data = dict(config)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**data))
+    model.to(getattr(torch, data.get("torch_dtype", "float32"))).save_pretrained(folder)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(DEMO_MODEL / name, folder / name)
+    return folder
+
+
+def _write_rows(path: Path, rows: int, seq_len: int, seed: int) -> Path:
+    """Rows of letters and spaces twice `seq_len` characters long: each is cut to exactly `seq_len` tokens."""
+    generator = random.Random(seed)
+    letters = "abcdefghijklmnopqrstuvwxyz     "
+    with open(path, "w", encoding="utf-8") as handle:
+        for _ in range(rows):
+            handle.write(json.dumps({"text": "".join(generator.choice(letters) for _ in range(2 * seq_len))}) + "\n")
+    return path
+
+
+def _run_case(case: FitCase, workdir: Path, steps: int) -> tuple[FitRow, str]:
+    from kbitprep.app.finetune import FinetuneSettings, finetune
+
+    started = time.perf_counter()
+    model = _write_model(ARCHITECTURES[case.arch], workdir / "model", seed=0)
+    data = _write_rows(workdir / "rows.jsonl", rows=case.batch_size * steps, seq_len=case.seq_len, seed=0)
+    settings = FinetuneSettings(
+        model=str(model), data=str(data), output=str(workdir / "run"), quantize="nf4", upcast=case.upcast,
+        lora_r=case.lora_r, lora_alpha=2.0 * case.lora_r, batch_size=case.batch_size, seq_len=case.seq_len,
+        max_steps=steps, save_steps=10 * steps, **_loss_setting(case.loss))
+    memory = finetune(settings).memory
+    if memory.get("predicted") is None:
+        raise RuntimeError(f"{case.name}: no prediction ({memory.get('why_not_predicted')})")
+    predicted = memory["predicted"]
+    row = FitRow(case=case, predicted=memory["predicted_peak_bytes"], measured=memory["measured_peak_bytes"],
+                 peak_at=predicted["peak_at"],
+                 components={c["name"]: c["bytes"] for c in predicted["components"]},
+                 seconds=time.perf_counter() - started)
+    return row, memory["measured_by"]
+
+
+def _loss_setting(loss: str) -> dict[str, str]:
+    """The finetune setting that picks the loss, where finetune has one."""
+    from kbitprep.app.finetune import FinetuneSettings
+
+    fields = {field.name for field in dataclasses.fields(FinetuneSettings)}
+    return {"loss": loss} if "loss" in fields else {}
+
+
+def measure_fit_grid(cases: Sequence[FitCase] = FIT_GRID, *, steps: int = 2, threads: int = 1,
+                     log: Callable[[str], None] = print) -> FitGridResult:
+    """Run every case through `finetune` and pair its recorded prediction and measurement.
+
+    Cases whose loss the memory model does not offer (yet) are skipped with a line in the log.
+
+    Args:
+        cases (Sequence[FitCase]): the grid. Default: FIT_GRID
+        steps (int): optimizer steps per run; the peak is reached by the second. Default: 2
+        threads (int): torch threads. Default: 1
+        log (Callable): progress lines. Default: print
+    """
+    import torch
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    started, rows, measured_by = time.perf_counter(), [], ""
+    try:
+        for case in cases:
+            if case.loss not in _losses():
+                log(f"  {case.name}: skipped, the memory model has no {case.loss!r} loss")
+                continue
+            with tempfile.TemporaryDirectory(prefix="kbitprep-bench-fit-") as tmp:
+                row, measured_by = _run_case(case, Path(tmp), steps)
+            rows.append(row)
+            log(f"  {case.name}: predicted {row.predicted / 2**20:,.1f} MiB, measured {row.measured / 2**20:,.1f} "
+                f"MiB, error {100 * row.error:+.2f}% ({row.seconds:.0f} s)")
+    finally:
+        torch.set_num_threads(previous)
+    return FitGridResult(rows=rows, measured_by=measured_by, steps=steps, duration_s=time.perf_counter() - started)
