@@ -110,35 +110,42 @@ def _default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def _run_default(name: str, fallback: Any = None) -> Any:
+    """The default of a `kbitprep finetune` setting, from its one declaration (`fallback` where it has none)."""
+    from .settings import SETTINGS
+
+    return next((s.default for s in SETTINGS if s.name == name), fallback)
+
+
 @dataclasses.dataclass(frozen=True)
 class MemorySettings:
-    """What decides a training step's memory. Names and defaults follow `kbitprep finetune`'s options.
+    """What decides a training step's memory. Names and defaults are `kbitprep finetune`'s settings.
 
     Args:
-        quantize (str): "nf4", "fp4", "int8" or "none". Default: "nf4"
-        upcast (str): "all", "norms" or "none". Default: "norms"
-        lora_r (int): LoRA rank. Default: 16
-        lora_dropout (float): dropout on the LoRA input (it keeps a mask per adapted layer). Default: 0.05
+        quantize (str): "nf4", "fp4", "int8" or "none". Default: finetune's
+        upcast (str): "all", "norms" or "none". Default: finetune's
+        lora_r (int): LoRA rank. Default: finetune's
+        lora_dropout (float): dropout on the LoRA input (it keeps a mask per adapted layer). Default: finetune's
         target_modules (tuple[str, ...] | None): adapted layers; None: every linear layer but the head.
-            Default: None
-        batch_size (int): sequences per step. Default: 4
-        seq_len (int): tokens per sequence (every sequence full length, every token trained). Default: 512
+            Default: finetune's (None)
+        batch_size (int): sequences per step. Default: finetune's
+        seq_len (int): tokens per sequence (every sequence full length, every token trained). Default: finetune's
         gradient_checkpointing (bool): recompute each layer in the backward pass. Default: True
-        loss (str): a name in `LOSSES`. Default: "full"
+        loss (str): a name in `LOSSES`. Default: finetune's
         optimizer (str): a name in `OPTIMIZERS`. Default: "adamw_torch_fused"
         device (str): "cpu" or "cuda": where the run would train (it decides the compute dtype).
             Default: "cuda" when this machine has one, else "cpu"
     """
 
-    quantize: str = "nf4"
-    upcast: str = "norms"
-    lora_r: int = 16
-    lora_dropout: float = 0.05
-    target_modules: tuple[str, ...] | None = None
-    batch_size: int = 4
-    seq_len: int = 512
-    gradient_checkpointing: bool = True
-    loss: str = "full"
+    quantize: str = _run_default("quantize")
+    upcast: str = _run_default("upcast")
+    lora_r: int = _run_default("lora_r")
+    lora_dropout: float = _run_default("lora_dropout")
+    target_modules: tuple[str, ...] | None = _run_default("target_modules")
+    batch_size: int = _run_default("batch_size")
+    seq_len: int = _run_default("seq_len")
+    gradient_checkpointing: bool = _run_default("gradient_checkpointing", True)
+    loss: str = _run_default("loss", "full")
     optimizer: str = "adamw_torch_fused"
     device: str = dataclasses.field(default_factory=_default_device)
 

@@ -66,8 +66,7 @@ def checkpointed_blocks(model: nn.Module) -> nn.ModuleList | None:
         if not isinstance(module, nn.ModuleList) or len(module) == 0:
             continue
         kinds = {type(child) for child in module}
-        marked = GradientCheckpointingLayer is not None and all(isinstance(c, GradientCheckpointingLayer) for c in module)
-        if marked:
+        if GradientCheckpointingLayer is not None and all(isinstance(c, GradientCheckpointingLayer) for c in module):
             return module
         if len(kinds) == 1 and (best is None or len(module) > len(best)):
             best = module
