@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from kbitprep.report import format_count
 
 from .capture import Emitted, distinct
+from .fit import render_fit
 from .packing import render_packing
 from .results import BenchmarkResults, check_targets
 from .shapes import published_source
@@ -327,5 +328,5 @@ def _notes(results: BenchmarkResults) -> list[str]:
 def render(results: BenchmarkResults) -> str:
     """BENCHMARKS.md for a run."""
     parts = [_header(results), _targets(results), _footprint(results), _training(results), _prepare_time(results),
-             _warnings(results), render_packing(results.packing), _notes(results)]
+             _warnings(results), render_packing(results.packing), render_fit(results.fit), _notes(results)]
     return "\n".join(line for part in parts for line in part).rstrip() + "\n"

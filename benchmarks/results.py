@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 
+from .fit import FitGridResult, check_mean, check_worst
 from .footprint import FootprintRow
 from .packing import PackingResult
 from .machine import Machine
@@ -30,6 +31,7 @@ class BenchmarkResults:
     training_settings: TrainingSettings | None
     training: dict[str, TrainingResult]
     packing: PackingResult | None = None
+    fit: FitGridResult | None = None
 
     def footprint_of(self, model: str) -> FootprintRow | None:
         return next((row for row in self.footprint if row.model == model), None)
@@ -111,6 +113,8 @@ TARGETS: tuple[Target, ...] = (
     Target('final loss with "all" within 1% of the reference\'s', _final_loss("all")),
     Target('final loss with "norms" within 1% of the reference\'s', _final_loss("norms")),
     Target("zero warnings from kbitprep (preparation + 3 training steps)", _no_kbitprep_warnings),
+    Target("fit check: worst |error| of the predicted peak <= 10%", lambda results: check_worst(results.fit)),
+    Target("fit check: mean |error| of the predicted peak <= 5%", lambda results: check_mean(results.fit)),
 )
 
 

@@ -5,7 +5,8 @@
 2. LoRA training of a ~110M-parameter 4-bit model: memory, step time, loss;
 3. preparation time on the real Qwen2-0.5B;
 4. warnings of preparation and the first training steps;
-5. packing: trained tokens per second with and without `--pack` on rows of mixed lengths.
+5. packing: trained tokens per second with and without `--pack` on rows of mixed lengths;
+6. the memory model's predicted peak against `finetune`'s measured one, on a grid of real runs.
 
 Each compares kbitprep's policies with the reference, `peft.prepare_model_for_kbit_training`,
 measured in the same run. The full run takes about four minutes on two CPU cores (more
@@ -31,6 +32,7 @@ if __package__ in (None, ""):  # run as a script: make the `benchmarks` package 
 import torch  # noqa: E402
 import transformers  # noqa: E402
 
+from benchmarks.fit import FIT_GRID, QUICK_GRID, measure_fit_grid  # noqa: E402
 from benchmarks.footprint import measure_footprint  # noqa: E402
 from benchmarks.machine import describe_machine  # noqa: E402
 from benchmarks.markdown import render  # noqa: E402
@@ -62,6 +64,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--skip-real", action="store_true", help="skip the materialised model (validation, prep time)")
     parser.add_argument("--skip-training", action="store_true", help="skip training and its warnings")
     parser.add_argument("--skip-packing", action="store_true", help="skip the packing throughput comparison")
+    parser.add_argument("--skip-fit", action="store_true", help="skip the memory model's grid of finetune runs")
     parser.add_argument("--quick", action="store_true",
                         help="tiny models and few steps everywhere: checks the script, measures nothing useful")
     return parser
@@ -106,12 +109,16 @@ def run(args: argparse.Namespace, command: str) -> BenchmarkResults:
         _log("[5] packing: trained tokens per second, padded and packed")
         quick = PackingSettings(rows=16, seq_len=64, steps=2, rounds=1)
         packing = measure_packing(quick if args.quick else PackingSettings(), log=_log)
+    fit = None
+    if not args.skip_fit:
+        _log("[6] fit check: predicted against measured peak, one finetune run per row")
+        fit = measure_fit_grid(QUICK_GRID if args.quick else FIT_GRID, log=_log)
 
     return BenchmarkResults(
         command=command, started_utc=started_utc, duration_s=time.perf_counter() - started, machine=machine,
         footprint=footprint, real=real, training_config=training_config,
         training_footprint=measure_footprint("training model", training_config),
-        training_settings=settings, training=training, packing=packing,
+        training_settings=settings, training=training, packing=packing, fit=fit,
     )
 
 

@@ -80,3 +80,14 @@ def test_packing_benchmark_runs_and_renders():
     assert result.packing_summary["rows"] == 12 and result.packing_summary["padding_tokens_saved"] > 0
     text = "\n".join(render_packing(result))
     assert "## Packing: trained tokens per second" in text and "| packed |" in text
+
+
+def test_fit_grid_runs_finetune_and_renders_its_section():
+    from benchmarks.fit import QUICK_GRID, check_worst, measure_fit_grid, render_fit
+
+    result = measure_fit_grid(QUICK_GRID[-1:], log=lambda _: None)  # one tiny GPT-2 run through finetune
+    (row,) = result.rows
+    assert row.measured > 0 and abs(row.error) <= 0.10
+    assert check_worst(result)[1] is True
+    text = "\n".join(render_fit(result))
+    assert "## Fit check" in text and "| gpt2 |" in text
