@@ -12,14 +12,16 @@ import torch
 
 import kbitprep
 from kbitprep.app import step_simulation
-from kbitprep.app.finetune import attach_lora
 from kbitprep.app.live_bytes import LiveBytes, PeakMeter
 from kbitprep.app.loading import load_quantized_model
+from kbitprep.app.lora import attach_lora
 from kbitprep.app.memory import (MemoryModelError, MemorySettings, TrainingSkeleton, estimate_memory, fit_memory,
                                  parse_memory_size)
 from kbitprep.apply import apply_plan
 from kbitprep.cli import main
 from kbitprep.plan import plan_preparation
+
+from conftest import save_tiny_model
 
 _SMALL = dict(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2,
               max_position_embeddings=512, torch_dtype="bfloat16")
@@ -34,12 +36,9 @@ SETTINGS = MemorySettings(upcast="norms", lora_r=8, batch_size=2, seq_len=64, lo
 
 
 def _save(config: dict, folder: Path) -> Path:
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**config))
-    model.to(torch.bfloat16).save_pretrained(folder)
-    return folder
+    return save_tiny_model(folder, AutoConfig.for_model(**config), dtype=torch.bfloat16)
 
 
 def _measured_peak(folder: Path, settings: MemorySettings, steps: int = 2) -> int:
@@ -50,8 +49,7 @@ def _measured_peak(folder: Path, settings: MemorySettings, steps: int = 2) -> in
         meter = PeakMeter(model).start()
         try:
             apply_plan(model, plan_preparation(model, upcast=settings.upcast))
-            model = attach_lora(model, r=settings.lora_r, alpha=16, dropout=settings.lora_dropout,
-                                target_modules=None)
+            model = attach_lora(model, settings)  # MemorySettings carries the LoRA settings finetune's do
             model.train()
             optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], fused=True)
             ids = torch.randint(0, 100, (settings.batch_size, settings.seq_len))
@@ -186,7 +184,7 @@ def test_prediction_against_cuda_max_memory_allocated(tmp_path: Path) -> None:
     torch.cuda.synchronize()
     meter = PeakMeter(model).start()
     apply_plan(model, plan_preparation(model, upcast=settings.upcast))
-    model = attach_lora(model, r=settings.lora_r, alpha=32, dropout=settings.lora_dropout, target_modules=None)
+    model = attach_lora(model, settings)
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], fused=True)
     ids = torch.randint(0, 100, (settings.batch_size, settings.seq_len), device="cuda")

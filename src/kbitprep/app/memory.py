@@ -125,6 +125,7 @@ class MemorySettings:
         quantize (str): "nf4", "fp4", "int8" or "none". Default: finetune's
         upcast (str): "all", "norms" or "none". Default: finetune's
         lora_r (int): LoRA rank. Default: finetune's
+        lora_alpha (float): LoRA scaling numerator (no effect on memory; peft is given it). Default: finetune's
         lora_dropout (float): dropout on the LoRA input (it keeps a mask per adapted layer). Default: finetune's
         target_modules (tuple[str, ...] | None): adapted layers; None: every linear layer but the head.
             Default: finetune's (None)
@@ -140,6 +141,7 @@ class MemorySettings:
     quantize: str = _run_default("quantize")
     upcast: str = _run_default("upcast")
     lora_r: int = _run_default("lora_r")
+    lora_alpha: float = _run_default("lora_alpha")
     lora_dropout: float = _run_default("lora_dropout")
     target_modules: tuple[str, ...] | None = _run_default("target_modules")
     batch_size: int = _run_default("batch_size")
