@@ -3,6 +3,7 @@ its depth extrapolation, the fit search and the budget option."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import warnings
 from pathlib import Path
@@ -15,6 +16,7 @@ from kbitprep.app import step_simulation
 from kbitprep.app.live_bytes import LiveBytes, PeakMeter
 from kbitprep.app.loading import load_quantized_model
 from kbitprep.app.lora import attach_lora
+from kbitprep.app.step_simulation import SimulationError
 from kbitprep.app.memory import (MemoryModelError, MemorySettings, TrainingSkeleton, estimate_memory, fit_memory,
                                  parse_memory_size)
 from kbitprep.apply import apply_plan
@@ -170,6 +172,20 @@ def test_live_bytes_counts_allocations_and_frees() -> None:
         assert counter.live == 2000
         del c
     assert (counter.live, counter.peak) == (0, 6000)
+
+
+def test_a_step_that_cannot_run_on_meta_says_so_and_inspect_still_shows_the_plans(tmp_path: Path, capsys) -> None:
+    # Mixtral's grouped expert matmul takes only bf16; "all" upcasts the experts to fp32.
+    moe = {"model_type": "mixtral", **_SMALL, "num_hidden_layers": 2, "num_local_experts": 4,
+           "num_experts_per_tok": 2, "vocab_size": 1000}
+    with pytest.raises(SimulationError, match="measure this model with real weights"):
+        estimate_memory(moe, dataclasses.replace(SETTINGS, upcast="all"))
+    folder = tmp_path / "moe"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(moe))
+    assert main(["inspect", str(folder), "--upcast", "all"]) == 0
+    assert "training step memory: not estimated" in capsys.readouterr().out
+    assert main(["inspect", str(folder), "--upcast", "all", "--memory", "1GiB"]) == 1  # the budget got no answer
 
 
 @pytest.mark.gpu

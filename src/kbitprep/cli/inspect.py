@@ -53,14 +53,23 @@ def add_memory_options(parser: argparse.ArgumentParser, missing: list[str]) -> N
 def run(args: argparse.Namespace, console: Console) -> int:
     from ..app.inspection import inspect_model
     from ..app.memory import MemorySettings, parse_memory_size, plan_memory
+    from ..app.step_simulation import SimulationError
     from .console import render_inspect_report, render_memory_report
 
     budget = parse_memory_size(args.memory) if args.memory is not None else None  # a typo costs nothing
     report = inspect_model(args.model, quantize=args.quantize, meta=args.meta)
-    memory = plan_memory(args.model, MemorySettings.from_run(args), budget)
+    try:
+        memory = plan_memory(args.model, MemorySettings.from_run(args), budget)
+    except SimulationError as error:  # the plans stand; only the step's estimate is missing
+        memory, problem = None, str(error)
     if args.json:
-        print(json.dumps({**report.to_dict(), "memory": memory.to_dict()}, indent=2))
+        print(json.dumps({**report.to_dict(), "memory": memory.to_dict() if memory else {"error": problem}},
+                         indent=2))
     else:
         render_inspect_report(console, report)
-        render_memory_report(console, memory)
-    return 0
+        if memory is not None:
+            render_memory_report(console, memory)
+        else:
+            console.print(f"training step memory: not estimated: {problem}", style="yellow", markup=False,
+                          highlight=False)
+    return 1 if memory is None and budget is not None else 0  # a budget asked for an answer it did not get
