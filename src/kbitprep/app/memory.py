@@ -39,6 +39,7 @@ from torch import nn
 
 from ..errors import KbitPrepError
 from .live_bytes import quantization_state
+from .simulated_loss import LOSSES, simulated_loss
 from .step_simulation import Moment, StepProfile, simulate_step
 
 __all__ = [
@@ -96,12 +97,6 @@ OPTIMIZERS: Mapping[str, OptimizerSpec] = {spec.name: spec for spec in (
     OptimizerSpec("adamw_8bit", state_bytes=2, per_tensor_bytes=4, step_transient="largest"),
     OptimizerSpec("sgd", state_bytes=0, per_tensor_bytes=0, step_transient="none"),
 )}
-
-# loss name -> (model, batch) -> loss tensor, as the training loop computes it
-LOSSES: dict[str, Callable[[nn.Module, dict[str, torch.Tensor]], torch.Tensor]] = {
-    # the transformers Trainer's own: the model's forward with labels (full logits, fp32 upcast, log-softmax)
-    "full": lambda model, batch: model(**batch).loss,
-}
 
 DEVICES = ("cpu", "cuda")
 
@@ -354,7 +349,8 @@ class TrainingSkeleton:
         started = time.perf_counter()
         batch_size = batch_size or self.settings.batch_size
         seq_len = seq_len or self.settings.seq_len
-        profile = simulate_step(self.model, self._batch(batch_size, seq_len), LOSSES[self.settings.loss])
+        loss = simulated_loss(self.settings.loss, self.settings.device)
+        profile = simulate_step(self.model, self._batch(batch_size, seq_len), loss)
         moments = dict(profile.moments)
         moments["optimizer step"] = self._optimizer_moment(profile, batch_size * seq_len * 8 * 3)
         static = sum(part.bytes for part in self.static)
