@@ -31,8 +31,9 @@ import math
 import os
 import re
 import time
+import warnings
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -41,6 +42,9 @@ from ..errors import KbitPrepError
 from .live_bytes import quantization_state
 from .simulated_loss import LOSSES, simulated_loss
 from .step_simulation import Moment, StepProfile, simulate_step
+
+if TYPE_CHECKING:
+    from ..plan import PreparationPlan
 
 __all__ = [
     "LOSSES",
@@ -269,18 +273,15 @@ class TrainingSkeleton:
         self.plan = self._prepare()
         self.model = self._adapt()
         self.model.train()
-        self.vocab_size = int(self.model.get_input_embeddings().num_embeddings)
         self.static = self._static_components()
 
-    def _prepare(self):
+    def _prepare(self) -> PreparationPlan:
         from ..apply import apply_plan
         from ..plan import plan_preparation
         from .inspection import without_meta_error
 
         plan = without_meta_error(plan_preparation(self.model, upcast=self.settings.upcast,
                                                    use_gradient_checkpointing=self.settings.gradient_checkpointing))
-        import warnings
-
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the plan's notices are inspect's to show, not the estimate's
             apply_plan(self.model, plan)
