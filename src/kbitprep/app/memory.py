@@ -485,16 +485,17 @@ def fit_memory(model: Any, settings: MemorySettings, budget: int, *, search_limi
         MemoryModelError: a setting is out of range or the config cannot be read.
     """
     skeleton = skeleton or TrainingSkeleton(model, settings)
-    totals: dict[tuple[int, int], int] = {}
+    estimates: dict[tuple[int, int], MemoryEstimate] = {}
 
     def total(batch_size: int, seq_len: int) -> int:
-        if (batch_size, seq_len) not in totals:
-            totals[batch_size, seq_len] = skeleton.estimate(batch_size, seq_len).total
-        return totals[batch_size, seq_len]
+        if (batch_size, seq_len) not in estimates:
+            estimates[batch_size, seq_len] = skeleton.estimate(batch_size, seq_len)
+        return estimates[batch_size, seq_len].total
 
     batch, seq = settings.batch_size, settings.seq_len
+    total(batch, seq)
     return FitReport(
-        budget=budget, estimate=skeleton.estimate(batch, seq),
+        budget=budget, estimate=estimates[batch, seq],
         largest_batch_size=_largest(lambda b: total(b, seq), budget, batch, 1, search_limit),
         largest_seq_len=_largest(lambda s: total(batch, s), budget, seq, 2, search_limit),
         search_limit=search_limit,

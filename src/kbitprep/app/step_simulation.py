@@ -125,23 +125,25 @@ class _Where:
 class _MetaStep(LiveBytes):
     """`LiveBytes` on meta tensors: answers data-dependent reads and runs custom operators' bodies."""
 
-    _ANSWERS = {"all": True, "any": False}
+    _ANSWERS = {torch.ops.aten.all: True, torch.ops.aten.any: False}
+    _READS = (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.is_nonzero.default)
 
     def __init__(self) -> None:
         super().__init__(record=True)
         self._answers: dict[int, bool] = {}
+        self._bodies: dict[Any, bool] = {}  # operator -> whether it runs a composite body here
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        name = func.overloadpacket.__name__
-        if func in (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.is_nonzero.default):
+        if func in self._READS:
             return self._answer(args[0])
-        if _has_composite_body(func):
-            out = self._run_body(func, args, kwargs)
-        else:
-            out = func(*args, **kwargs)
-        if name in self._ANSWERS and isinstance(out, torch.Tensor):
-            self._answers[id(out.untyped_storage())] = self._ANSWERS[name]
+        body = self._bodies.get(func)
+        if body is None:
+            body = self._bodies[func] = _has_composite_body(func)
+        out = self._run_body(func, args, kwargs) if body else func(*args, **kwargs)
+        answer = self._ANSWERS.get(func.overloadpacket)
+        if answer is not None and isinstance(out, torch.Tensor):
+            self._answers[id(out.untyped_storage())] = answer
         self._count_outputs(out)
         return out
 
@@ -165,7 +167,7 @@ class _MetaStep(LiveBytes):
     def _count_outputs(self, out: Any) -> None:
         from torch.utils._pytree import tree_leaves
 
-        for leaf in tree_leaves(out):
+        for leaf in (out,) if isinstance(out, torch.Tensor) else tree_leaves(out):
             if isinstance(leaf, torch.Tensor):
                 self._count(leaf)
 
