@@ -123,10 +123,11 @@ class FitGridResult:
         return statistics.fmean(abs(row.error) for row in self.rows)
 
 
-def _losses() -> tuple[str, ...]:
+def _runnable_losses() -> tuple[str, ...]:
+    """The losses both the memory model and `finetune` offer here: "full" always, others where finetune has --loss."""
     from kbitprep.app.memory import LOSSES
 
-    return tuple(LOSSES)
+    return tuple(name for name in LOSSES if name == "full" or _loss_setting(name))
 
 
 def _write_model(config: Mapping[str, Any], folder: Path, seed: int) -> Path:
@@ -205,8 +206,8 @@ def measure_fit_grid(cases: Sequence[FitCase] = FIT_GRID, *, steps: int = 2, thr
     started, rows, measured_by = time.perf_counter(), [], ""
     try:
         for case in cases:
-            if case.loss not in _losses():
-                log(f"  {case.name}: skipped, the memory model has no {case.loss!r} loss")
+            if case.loss not in _runnable_losses():
+                log(f"  {case.name}: skipped, finetune has no --loss {case.loss}")
                 continue
             with tempfile.TemporaryDirectory(prefix="kbitprep-bench-fit-") as tmp:
                 row, measured_by = _run_case(case, Path(tmp), steps)
