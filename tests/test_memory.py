@@ -57,12 +57,21 @@ def _measured_peak(folder: Path, settings: MemorySettings, steps: int = 2) -> in
             ids = torch.randint(0, 100, (settings.batch_size, settings.seq_len))
             for _ in range(steps):
                 batch = {"input_ids": ids.clone(), "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
-                model(**batch).loss.backward()
+                _loss(model, batch, settings.loss).backward()
                 optimizer.step()
                 model.zero_grad()
         finally:
             peak = meter.stop()
     return peak
+
+
+def _loss(model: torch.nn.Module, batch: dict, loss: str) -> torch.Tensor:
+    """The loss as the Trainer (full) or kbitprep's chunked loss computes it."""
+    if loss == "full":
+        return model(**batch).loss
+    from kbitprep.app.loss import causal_lm_loss
+
+    return causal_lm_loss(model, batch, num_items_in_batch=batch["labels"][:, 1:].numel(), loss=loss)
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))
@@ -71,6 +80,18 @@ def test_prediction_is_within_ten_percent_of_the_measured_peak(name: str, tmp_pa
     predicted = estimate_memory(folder, SETTINGS).total
     measured = _measured_peak(folder, SETTINGS)
     assert abs(predicted - measured) / measured <= 0.10, (predicted, measured)
+
+
+@pytest.mark.parametrize(("name", "upcast"), [("llama-5L", "norms"), ("gpt2", "all")])
+def test_chunked_loss_prediction_is_within_ten_percent_of_the_measured_peak(name: str, upcast: str, tmp_path: Path,
+                                                                           single_thread) -> None:
+    settings = dataclasses.replace(SETTINGS, loss="chunked", upcast=upcast, seq_len=128)
+    folder = _save(CONFIGS[name], tmp_path / name)
+    estimate = estimate_memory(folder, settings)
+    measured = _measured_peak(folder, settings)
+    assert abs(estimate.total - measured) / measured <= 0.10, (estimate.total, measured)
+    full = estimate_memory(folder, dataclasses.replace(settings, loss="full"))
+    assert estimate.total < full.total  # no (tokens x vocabulary) logits
 
 
 def test_an_unlisted_family_is_sized_from_its_config() -> None:
