@@ -50,7 +50,8 @@ def _measured_peak(folder: Path, settings: MemorySettings, steps: int = 2) -> in
         model = load_quantized_model(folder, settings.quantize)
         meter = PeakMeter(model).start()
         try:
-            apply_plan(model, plan_preparation(model, upcast=settings.upcast))
+            apply_plan(model, plan_preparation(model, upcast=settings.upcast,
+                                               use_gradient_checkpointing=settings.gradient_checkpointing))
             model = attach_lora(model, settings)  # MemorySettings carries the LoRA settings finetune's do
             model.train()
             optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], fused=True)
@@ -92,6 +93,16 @@ def test_chunked_loss_prediction_is_within_ten_percent_of_the_measured_peak(name
     assert abs(estimate.total - measured) / measured <= 0.10, (estimate.total, measured)
     full = estimate_memory(folder, dataclasses.replace(settings, loss="full"))
     assert estimate.total < full.total  # no (tokens x vocabulary) logits
+
+
+def test_without_checkpointing_the_prediction_holds_and_every_layer_keeps_more(tmp_path: Path, single_thread) -> None:
+    settings = dataclasses.replace(SETTINGS, gradient_checkpointing=False)
+    folder = _save(CONFIGS["llama-5L"], tmp_path / "llama")
+    estimate = estimate_memory(folder, settings)
+    measured = _measured_peak(folder, settings)
+    assert abs(estimate.total - measured) / measured <= 0.10, (estimate.total, measured)
+    checkpointed = estimate_memory(folder, SETTINGS)
+    assert estimate.component("activations kept") > checkpointed.component("activations kept")
 
 
 def test_an_unlisted_family_is_sized_from_its_config() -> None:
