@@ -209,13 +209,10 @@ class FinetuneRun:
 
         The estimate is advice: a model it cannot size still trains, and report.json says why.
         """
-        import torch
-
         from .memory import MemorySettings, estimate_memory
 
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        try:
-            estimate = estimate_memory(self.settings.model, MemorySettings.from_run(self.settings, device=device))
+        try:  # the settings' device defaults to where this run trains
+            estimate = estimate_memory(self.settings.model, MemorySettings.from_run(self.settings))
         except Exception as error:  # noqa: BLE001 - see the docstring
             self.memory = {"predicted": None, "why_not_predicted": error_summary(error)}
             return

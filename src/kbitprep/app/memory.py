@@ -106,7 +106,10 @@ DEVICES = ("cpu", "cuda")
 
 
 def _default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    """Where a run on this machine trains: on its accelerator (as a GPU) when it has one."""
+    from ..device import has_accelerator
+
+    return "cuda" if has_accelerator() else "cpu"
 
 
 def _run_default(name: str, fallback: Any = None) -> Any:
