@@ -98,6 +98,9 @@ def make_workspace(root: pathlib.Path) -> Workspace:
     (merged / "adapter" / "adapter_config.json").write_text('{"peft_type": "LORA"}\n', encoding="utf-8")
     report = {"status": "finished", "settings": {"model": str(model), "quantize": "nf4"}}
     (merged / "report.json").write_text(json.dumps(report) + "\n", encoding="utf-8")
+    chat = [{"messages": [{"role": "user", "content": "abc"}, {"role": "assistant", "content": "def"}]}]
+    write_lines(root / "chat.jsonl", chat * 4)
+    write_lines(root / "mixed.jsonl", GOOD_ROWS[:2] + chat)  # a chat row on line 3
     (root / "taken").mkdir()
     (root / "taken" / "notes.txt").write_text("not a model\n", encoding="utf-8")
     return space
@@ -178,6 +181,32 @@ CASES = [
             lambda ws: ["merge", str(ws / "merge-ready-run"), "--output", str(ws / "taken")],
             lambda ws: (str(ws / "taken"), "already exists", "another --output"),
             lambda ws: ws / "taken"),
+    CliCase("chat-rows-without-a-chat-template",
+            lambda ws: finetune(ws.model, ws / "chat.jsonl", ws / "out-chat"),
+            lambda ws: (str(ws.model), "no chat template", "--chat-template FILE"),
+            lambda ws: ws / "out-chat"),
+    CliCase("chat-template-file-missing",
+            lambda ws: finetune(ws.model, ws / "chat.jsonl", ws / "out-chat-file", "--chat-template",
+                                str(ws / "absent.jinja")),
+            lambda ws: (str(ws / "absent.jinja"), "no such --chat-template file"),
+            lambda ws: ws / "out-chat-file"),
+    CliCase("chat-and-text-rows-mixed",
+            lambda ws: finetune(ws.model, ws / "mixed.jsonl", ws / "out-mixed"),
+            lambda ws: (f"{ws / 'mixed.jsonl'}:3", '"messages" row, but line 1 is a "text" row', "Split it"),
+            lambda ws: ws / "out-mixed"),
+    CliCase("eval-steps-without-eval-rows",
+            lambda ws: finetune(ws.model, ws.data, ws / "out-eval-steps", "--eval-steps", "5"),
+            lambda ws: ("--eval-steps", "--eval-data FILE or --eval-fraction F"),
+            lambda ws: ws / "out-eval-steps"),
+    CliCase("eval-data-and-eval-fraction",
+            lambda ws: finetune(ws.model, ws.data, ws / "out-eval-both", "--eval-data", str(ws.data),
+                                "--eval-fraction", "0.2"),
+            lambda ws: ("--eval-fraction", "not allowed with argument --eval-data"),
+            lambda ws: ws / "out-eval-both"),
+    CliCase("eval-data-of-another-kind",
+            lambda ws: finetune(ws.model, ws.data, ws / "out-eval-kind", "--eval-data", str(ws / "chat.jsonl")),
+            lambda ws: (f"{ws / 'chat.jsonl'}:1", '--eval-data holds "messages" rows but DATA holds "text" rows'),
+            lambda ws: ws / "out-eval-kind"),
     CliCase("unknown-quantize-value",
             lambda ws: finetune(ws.model, ws.data, ws / "out-nf5", "--quantize", "nf5"),
             lambda ws: ("--quantize", "nf5", "nf4"),
@@ -240,5 +269,5 @@ def test_failed_runs_leave_nothing_behind(workspace: Workspace, outcomes: dict[s
     """No output folder, staging folder or temporary file from any of the failed runs."""
     made = {"model", "good.jsonl", "no-config", "config-only", "truncated", "bad-line.jsonl",
             "empty.jsonl", "latin1.jsonl", "long-prompts.jsonl", "finished-run", "locked",
-            "unfinished-run", "merge-ready-run", "taken"}
+            "unfinished-run", "merge-ready-run", "taken", "chat.jsonl", "mixed.jsonl"}
     assert {entry.name for entry in workspace.root.iterdir()} <= made

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-
 from conftest import Zoo
+
 from kbitprep.app.data import IGNORE_INDEX, DataError, Row, TokenizedData
 from kbitprep.app.evaluation import eval_every, evaluate, hold_out
 

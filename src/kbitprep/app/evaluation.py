@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 import random
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from .data import IGNORE_INDEX, CausalLMCollator, DataError, Row, TokenizedData
 from .observer import FinetuneObserver
@@ -85,7 +85,8 @@ def evaluate(model: nn.Module, data: TokenizedData, batch_size: int, pad_token_i
             count = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
             if count:
                 with torch.no_grad():  # num_items_in_batch=1: the sum over the batch's tokens
-                    total += float(causal_lm_loss(model, batch, num_items_in_batch=1, loss=loss))
+                    summed = causal_lm_loss(model, batch, num_items_in_batch=1, loss=loss)
+                total += float(cast(torch.Tensor, summed))
                 tokens += count
     finally:
         model.train(was_training)

@@ -33,11 +33,13 @@ from typing import TYPE_CHECKING, Any
 from ..device import has_accelerator
 from .data import IGNORE_INDEX, CausalLMCollator, Row, TokenizedData, read_jsonl, tokenize_rows
 from .distributed import barrier, start_processes
+from .evaluation import eval_history
 from .live_bytes import PeakMeter
 from .loading import check_model_folder, compute_dtype, error_summary, load_quantized_model, load_tokenizer
 from .lora import attach_lora, linear_layer_names
 from .observer import FinetuneObserver
 from .outputs import ADAPTER_DIR, LOSS_PLOT, REPORT, RunFolder, atomic_directory, atomic_write_bytes, checkpoint_step
+from .packing import PackedData, check_packing, pack_examples
 from .plotting import plot_loss
 from .quiet import without_log_notes
 from .run_report import FinetuneReport, loss_history, package_versions, read_report
@@ -57,6 +59,8 @@ __all__ = [
     "FinetuneRun",
     "FinetuneSettings",
     "batch_loss",
+    "check_chat_rows",
+    "evaluation_rows",
     "finetune",
     "first_batch",
     "linear_layer_names",
@@ -88,7 +92,46 @@ def finetune(settings: FinetuneSettings, observer: FinetuneObserver | None = Non
     settings.check()
     check_model_folder(settings.model)
     rows = read_jsonl(settings.data)
-    return run_pipeline(settings, rows, observer)
+    rows, eval_rows = evaluation_rows(settings, rows)
+    check_chat_rows(settings, rows)
+    return run_pipeline(settings, rows, observer, eval_rows=eval_rows)
+
+
+def evaluation_rows(settings: FinetuneSettings, rows: Sequence[Row]) -> tuple[list[Row], list[Row]]:
+    """(training rows, evaluation rows) as --eval-data or --eval-fraction say; no evaluation rows without either.
+
+    Raises:
+        DataError: the evaluation file is bad, holds rows of another kind than DATA, or
+            DATA has too few rows to hold some out.
+    """
+    from .data import DataError
+    from .evaluation import hold_out
+
+    if settings.eval_fraction is not None:
+        return hold_out(rows, settings.eval_fraction, settings.seed, settings.data)
+    if settings.eval_data is None:
+        return list(rows), []
+    eval_rows = read_jsonl(settings.eval_data)
+    if (eval_rows[0].kind == "messages") != (rows[0].kind == "messages"):
+        raise DataError(f"{settings.eval_data}:{eval_rows[0].line}: --eval-data holds \"{eval_rows[0].kind}\" "
+                        f"rows but DATA holds \"{rows[0].kind}\" rows; evaluate on rows of the kind you train on")
+    return list(rows), eval_rows
+
+
+def check_chat_rows(settings: FinetuneSettings, rows: Sequence[Row]) -> None:
+    """Before anything is written: the --chat-template file reads, and chat rows have a template to render them.
+
+    Raises:
+        ChatTemplateError: naming the fix (`--chat-template FILE`).
+    """
+    from .chat import check_chat_template, read_chat_template
+
+    template = read_chat_template(settings.chat_template) if settings.chat_template else None
+    if rows and rows[0].kind == "messages":
+        tokenizer = load_tokenizer(settings.model)
+        if template is not None:
+            tokenizer.chat_template = template
+        check_chat_template(tokenizer, settings.model, settings.chat_template)
 
 
 def run_pipeline(
@@ -97,13 +140,15 @@ def run_pipeline(
     observer: FinetuneObserver | None = None,
     *,
     setup: Callable[[Path], object] | None = None,
+    eval_rows: Sequence[Row] = (),
 ) -> FinetuneReport:
     """The run after the cheap checks: claim the folder, then load, prepare, train, save.
 
     `setup(run_folder)` runs on the main process once the folder is marked INCOMPLETE and
-    before the model is loaded (the demo writes its base model there).
+    before the model is loaded (the demo writes its base model there). `eval_rows` are
+    evaluated during training (`finetune` makes them from --eval-data or --eval-fraction).
     """
-    return FinetuneRun(settings, rows, observer, setup=setup).run()
+    return FinetuneRun(settings, rows, observer, setup=setup, eval_rows=eval_rows).run()
 
 
 class FinetuneRun:
@@ -115,6 +160,7 @@ class FinetuneRun:
         observer (FinetuneObserver | None): receives progress on the main process. Default: None
         setup (Callable[[Path], object] | None): runs on the main process once the folder is
             claimed, before loading. Default: None
+        eval_rows (Sequence[Row]): rows to evaluate on during training, never trained. Default: ()
     """
 
     # The state the phases build, in the order they set it.
@@ -124,6 +170,8 @@ class FinetuneRun:
     resume_from: Path | None
     tokenizer: Any
     data: TokenizedData
+    train_data: TokenizedData | PackedData  # `data`, packed with --pack
+    eval_data: TokenizedData | None
     model: Any  # a transformers causal LM; a peft PeftModel once adapted
     plan: PreparationPlan
     trainable: int
@@ -134,12 +182,14 @@ class FinetuneRun:
     samples: list[dict[str, str]]
     history: list[dict[str, float]]
     memory: dict[str, Any]  # predicted and measured peak
+    evaluations: list[dict[str, float]]
 
     def __init__(self, settings: FinetuneSettings, rows: Sequence[Row], observer: FinetuneObserver | None = None,
-                 *, setup: Callable[[Path], object] | None = None) -> None:
+                 *, setup: Callable[[Path], object] | None = None, eval_rows: Sequence[Row] = ()) -> None:
         settings.check()
         self.settings = settings.resolved()
         self.rows = rows
+        self.eval_rows = eval_rows
         self.observer = observer or FinetuneObserver()
         self.setup = setup
         self.folder = RunFolder(self.settings.output)
@@ -247,8 +297,18 @@ class FinetuneRun:
         """Find the checkpoint to resume from, tokenize the rows, load the (quantized) model."""
         self.resume_from = self.resume_point() if self.settings.resume else None
         self.tokenizer = load_tokenizer(self.settings.model)
+        if self.settings.chat_template:
+            from .chat import read_chat_template
+
+            self.tokenizer.chat_template = read_chat_template(self.settings.chat_template)
         self.data = tokenize_rows(self.rows, self.tokenizer, self.settings.seq_len, source=self.settings.data)
         self.report_data_notes()
+        self.train_data = self.data
+        if self.settings.pack:
+            self.train_data = pack_examples(self.data.examples, self.settings.seq_len, self.settings.batch_size)
+        source = self.settings.eval_data or f"{self.settings.data} (held out)"
+        self.eval_data = tokenize_rows(self.eval_rows, self.tokenizer, self.settings.seq_len, source=source) \
+            if self.eval_rows else None
         device_index = self.args.local_process_index if has_accelerator() else None
         self.model = load_quantized_model(self.settings.model, self.settings.quantize, device_index=device_index)
 
@@ -285,6 +345,8 @@ class FinetuneRun:
             if self.settings.quantize == "none":  # asked for explicitly; the plan already says so
                 warnings.simplefilter("ignore", NotQuantizedWarning)
             apply_plan(self.model, self.plan)
+        if self.settings.pack:  # before any training: refuse a model whose packed rows would see each other
+            check_packing(self.model, self.model.get_input_embeddings().num_embeddings)
 
     def adapt(self) -> None:
         """Attach LoRA with the run's seed (the initialisation is part of the seeded state); count parameters."""
@@ -318,17 +380,24 @@ class FinetuneRun:
         """Train with the Trainer, from the resume checkpoint if there is one."""
         from .trainer import FinetuneTrainer
 
-        trainer = FinetuneTrainer(model=self.model, args=self.args, train_dataset=self.data,
+        trainer = FinetuneTrainer(model=self.model, args=self.args, train_dataset=self.train_data,
                                   data_collator=CausalLMCollator(pad_token_id(self.tokenizer)),
                                   callbacks=self.callbacks())
         trainer.train(resume_from_checkpoint=str(self.resume_from) if self.resume_from is not None else None)
         self.history = loss_history(trainer.state.log_history)
+        self.evaluations = eval_history(trainer.state.log_history)
 
     def callbacks(self) -> list[TrainerCallback]:
         """The Trainer callbacks of the run: the place for anything to do after each step or save."""
+        from .evaluation import make_eval_callback
         from .trainer import RunCallback
 
-        return [RunCallback(self.folder, self.observer)]
+        callbacks: list[TrainerCallback] = [RunCallback(self.folder, self.observer)]
+        if self.eval_data is not None:  # before RunCallback's save: a checkpoint keeps the step's evaluation
+            callbacks.insert(0, make_eval_callback(self.eval_data, self.settings.batch_size,
+                                                   pad_token_id(self.tokenizer), self.settings.eval_steps,
+                                                   self.observer, loss=getattr(self.settings, "loss", "chunked")))
+        return callbacks
 
     def report(self) -> FinetuneReport:
         """What the run did, as report.json records it."""
@@ -341,6 +410,7 @@ class FinetuneRun:
                    "trainable_parameters": self.trainable, "total_parameters": self.total},
             data=self.data_summary(),
             loss_history=self.history,
+            eval_history=self.evaluations,
             batch_loss_before=self.loss_before,
             batch_loss_after=self.loss_after,
             samples=self.samples,
@@ -357,8 +427,15 @@ class FinetuneRun:
         """Rows read, examples kept, rows cut or skipped, and the tokens trained on per epoch."""
         data = self.data
         trained = sum(sum(label != IGNORE_INDEX for label in example["labels"][1:]) for example in data.examples)
-        return {"file": self.settings.data, "rows": len(self.rows), "examples": len(data),
-                "truncated": data.truncated, "dropped_lines": list(data.dropped), "trained_tokens_per_epoch": trained}
+        summary = {"file": self.settings.data, "rows": len(self.rows), "examples": len(data),
+                   "truncated": data.truncated, "dropped_lines": list(data.dropped),
+                   "trained_tokens_per_epoch": trained, "kind": self.rows[0].kind if self.rows else None}
+        if isinstance(self.train_data, PackedData):
+            summary["packing"] = self.train_data.summary()
+        if self.eval_data is not None:
+            summary["eval"] = {"file": self.settings.eval_data, "fraction": self.settings.eval_fraction,
+                               "rows": len(self.eval_rows), "examples": len(self.eval_data)}
+        return summary
 
     def save(self, report: FinetuneReport) -> None:
         """Adapter, loss plot, then report.json (the moment the run counts as finished), each atomically."""
@@ -366,7 +443,7 @@ class FinetuneRun:
         with atomic_directory(path / ADAPTER_DIR) as staging:
             self.model.save_pretrained(staging)
         title = f"{Path(self.settings.model).name} · {self.settings.quantize} · LoRA r={self.settings.lora_r}"
-        atomic_write_bytes(path / LOSS_PLOT, plot_loss(report.loss_history, title))
+        atomic_write_bytes(path / LOSS_PLOT, plot_loss(report.loss_history, title, report.eval_history))
         self.folder.finish(report.to_dict())
         self.observer.on_message(f"wrote {path / ADAPTER_DIR}, {path / REPORT}, {path / LOSS_PLOT}")
 

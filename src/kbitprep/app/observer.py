@@ -31,5 +31,8 @@ class FinetuneObserver:
     def on_step(self, step: int, loss: float | None) -> None:
         """An optimizer step finished; `loss` is its logged loss."""
 
+    def on_eval(self, step: int, loss: float, perplexity: float) -> None:
+        """An evaluation finished after optimizer step `step`."""
+
     def on_train_end(self) -> None:
         """Training finished."""

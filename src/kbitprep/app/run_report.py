@@ -40,6 +40,8 @@ class FinetuneReport:
             "predicted", or "why_not_predicted") beside the peak of live tensor bytes measured from
             preparation to the end of training ("measured_peak_bytes", "measured_by"), and the
             prediction's error in percent.
+        eval_history (list[dict]): one entry per evaluation: step, loss, perplexity (empty
+            without --eval-data or --eval-fraction). Default: []
     """
 
     settings: dict[str, Any]
@@ -56,6 +58,7 @@ class FinetuneReport:
     versions: dict[str, str]
     files: dict[str, str]
     memory: dict[str, Any] = dataclasses.field(default_factory=dict)
+    eval_history: list[dict[str, float]] = dataclasses.field(default_factory=list)
 
     @property
     def loss_drop(self) -> float:

@@ -32,6 +32,7 @@ from ..sizing import QUANTIZE_CHOICES
 
 __all__ = [
     "FRACTION",
+    "OPEN_FRACTION",
     "POSITIVE",
     "SETTINGS",
     "Bound",
@@ -77,6 +78,7 @@ def at_least(low: int) -> Bound:
 
 POSITIVE = Bound(lambda value: value > 0 and math.isfinite(value), "positive", "a positive number")
 FRACTION = Bound(lambda value: 0 <= value < 1, "in [0, 1)", "a number in [0, 1)")
+OPEN_FRACTION = Bound(lambda value: 0 < value < 1, "in (0, 1)", "a number between 0 and 1")
 _MODULE_NAMES = Bound(lambda names: all(names), "comma-separated module names such as q_proj,v_proj",
                       "comma-separated module names such as q_proj,v_proj")
 
@@ -126,7 +128,7 @@ def setting(default: Any = dataclasses.MISSING, **option: Any) -> Any:
     return dataclasses.field(default=default, metadata={_METADATA_KEY: Option(**option)})
 
 
-_MODEL, _TRAINING = "model and adapter", "training"
+_MODEL, _TRAINING, _DATA, _EVAL = "model and adapter", "training", "data", "evaluation"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -170,6 +172,19 @@ class FinetuneSettings:
                                        flag="--sample", metavar="PROMPT", group=_TRAINING, repeatable=True)
     max_new_tokens: int = setting(24, help="length of each sample completion, in tokens", bound=at_least(1),
                                   cli=False)
+    chat_template: str | None = setting(None, help="Jinja chat template file to render \"messages\" rows with",
+                                        metavar="FILE", path=True, group=_DATA, resume=True,
+                                        default_text="the tokenizer's chat template")
+    pack: bool = setting(False, help="pack rows into sequences of --seq-len tokens (attention and positions "
+                         "restart at each row)", group=_DATA, resume=True)
+    eval_data: str | None = setting(None, help="JSONL rows to evaluate on (never trained)", metavar="FILE",
+                                    path=True, group=_EVAL, exclusive="eval", resume=True)
+    eval_fraction: float | None = setting(None, help="hold this fraction of DATA out of training and evaluate on it",
+                                          bound=OPEN_FRACTION, metavar="F", group=_EVAL, exclusive="eval",
+                                          resume=True)
+    eval_steps: int | None = setting(None, help="evaluate every N optimizer steps (and after the last)",
+                                     bound=at_least(1), metavar="N", group=_EVAL,
+                                     default_text="a tenth of the run's steps")
 
     def check(self) -> None:
         """Raise `FinetuneError` naming the first setting that is out of range."""
@@ -177,11 +192,13 @@ class FinetuneSettings:
             problem = declared.problem(self)
             if problem:
                 raise FinetuneError(problem)
+        if self.eval_steps is not None and self.eval_data is None and self.eval_fraction is None:
+            raise FinetuneError("--eval-steps needs rows to evaluate on: pass --eval-data FILE or --eval-fraction F")
 
     def resolved(self) -> FinetuneSettings:
         """The same settings with absolute paths, so a resumed run compares them from any folder."""
         return dataclasses.replace(self, **{s.name: os.path.abspath(getattr(self, s.name))
-                                            for s in SETTINGS if s.option.path})
+                                            for s in SETTINGS if s.option.path and getattr(self, s.name) is not None})
 
     def to_dict(self) -> dict[str, Any]:
         """The settings as report.json and the INCOMPLETE marker record them."""

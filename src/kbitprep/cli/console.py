@@ -93,14 +93,19 @@ class RichObserver(FinetuneObserver):
     def on_train_begin(self, total_steps: int, start_step: int) -> None:
         self.progress = Progress(
             TextColumn("training"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"),
-            TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), console=self.console,
+            TextColumn("{task.fields[eval]}"), TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
+            console=self.console,
         )
-        self.task = self.progress.add_task("train", total=total_steps, completed=start_step, loss="-")
+        self.task = self.progress.add_task("train", total=total_steps, completed=start_step, loss="-", eval="")
         self.progress.start()
 
     def on_step(self, step: int, loss: float | None) -> None:
         if self.progress is not None:
             self.progress.update(self.task, completed=step, loss=f"{loss:.4f}" if loss is not None else "-")
+
+    def on_eval(self, step: int, loss: float, perplexity: float) -> None:
+        if self.progress is not None:
+            self.progress.update(self.task, eval=f"eval {loss:.4f} (ppl {perplexity:.3g}, step {step})")
 
     def on_train_end(self) -> None:
         if self.progress is not None:
@@ -125,6 +130,14 @@ def render_finetune_report(console: Console, report: FinetuneReport, title: str 
         first, last = report.loss_history[0], report.loss_history[-1]
         table.add_row("training loss",
                       f"step {first['step']}: {first['loss']:.4f} -> step {last['step']}: {last['loss']:.4f}")
+    if report.eval_history:
+        first, last = report.eval_history[0], report.eval_history[-1]
+        table.add_row("eval loss", f"step {first['step']}: {first['loss']:.4f} -> step {last['step']}: "
+                                   f"{last['loss']:.4f} (perplexity {last['perplexity']:.4g})")
+    packing = report.data.get("packing")
+    if packing:
+        table.add_row("packing", f"{packing['rows']} rows in {packing['packs']} sequences, "
+                                 f"{packing['padding_tokens_saved']:,} padding tokens saved per epoch")
     steps = f"{report.steps}"
     if report.resumed_from_step is not None:
         steps += f" (resumed from step {report.resumed_from_step})"

@@ -17,8 +17,10 @@ HELP = "fine-tune a local model with QLoRA on a JSONL file; write the adapter, a
 def add_parser(commands: argparse._SubParsersAction) -> argparse.ArgumentParser:
     parser = commands.add_parser(
         "finetune", help=HELP, description=HELP[0].upper() + HELP[1:] + ".",
-        epilog="DATA rows: {\"text\": ...} (every token trained) or {\"prompt\": ..., \"completion\": ...} "
-               "(only the completion trained). Runs unchanged under `torchrun --nproc_per_node N`.",
+        epilog="DATA rows: {\"text\": ...} (every token trained), {\"prompt\": ..., \"completion\": ...} "
+               "(only the completion trained) or {\"messages\": [{\"role\": ..., \"content\": ...}, ...]} "
+               "(rendered with the chat template; the assistant turns trained). "
+               "Runs unchanged under `torchrun --nproc_per_node N`.",
     )
     add_arguments(parser)
     return parser
