@@ -69,7 +69,8 @@ def _skeleton(config: Any, dtype: torch.dtype) -> nn.Module:
     raise ValueError(f"no transformers model class takes this config: {'; '.join(errors)}")
 
 
-def build_meta_model(config_or_path: Any, *, quantize: str = "nf4", dtype: torch.dtype | None = None) -> nn.Module:
+def build_meta_model(config_or_path: Any, *, quantize: str = "nf4", dtype: torch.dtype | None = None,
+                     compute_dtype: torch.dtype | None = None) -> nn.Module:
     """The model a quantized `from_pretrained` would load, on the meta device (no weights, no memory).
 
     Args:
@@ -77,6 +78,7 @@ def build_meta_model(config_or_path: Any, *, quantize: str = "nf4", dtype: torch
         quantize (str): "nf4" (with double quantization), "fp4", "int8" or "none". Default: "nf4"
         dtype (torch.dtype | None): dtype of the unquantized weights; None takes the config's
             (as `from_pretrained` does), else float32. Default: None
+        compute_dtype (torch.dtype | None): the dtype 4-bit layers compute in; None: `dtype`. Default: None
 
     Returns:
         nn.Module: the skeleton, with bitsandbytes layers where a real load has them.
@@ -93,6 +95,6 @@ def build_meta_model(config_or_path: Any, *, quantize: str = "nf4", dtype: torch
     if isinstance(configured, str):
         configured = getattr(torch, configured, None)
     dtype = dtype or (configured if isinstance(configured, torch.dtype) else torch.float32)
-    bnb_config = bnb_config_for(quantize, compute_dtype=dtype)
+    bnb_config = bnb_config_for(quantize, compute_dtype=compute_dtype or dtype)
     model = _skeleton(config, dtype)
     return model if bnb_config is None else quantize_skeleton(model, bnb_config, dtype)

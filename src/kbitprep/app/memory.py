@@ -103,6 +103,7 @@ OPTIMIZERS: Mapping[str, OptimizerSpec] = {spec.name: spec for spec in (
 )}
 
 DEVICES = ("cpu", "cuda")
+COMPUTE_DTYPES = ("auto", "bfloat16", "float16", "float32")
 
 
 def _default_device() -> str:
@@ -133,6 +134,8 @@ class MemorySettings:
             Default: finetune's (None)
         batch_size (int): sequences per step. Default: finetune's
         seq_len (int): tokens per sequence (every sequence full length, every token trained). Default: finetune's
+        compute_dtype (str): the dtype quantized layers compute in, "auto" (the model's where the device
+            computes it fast, else float32), "bfloat16", "float16" or "float32". Default: finetune's
         gradient_checkpointing (bool): recompute each layer in the backward pass. Default: True
         loss (str): a name in `LOSSES`. Default: finetune's
         optimizer (str): a name in `OPTIMIZERS`. Default: "adamw_torch_fused"
@@ -148,6 +151,7 @@ class MemorySettings:
     target_modules: tuple[str, ...] | None = _run_default("target_modules")
     batch_size: int = _run_default("batch_size")
     seq_len: int = _run_default("seq_len")
+    compute_dtype: str = _run_default("compute_dtype", "auto")
     gradient_checkpointing: bool = _run_default("gradient_checkpointing", True)
     loss: str = _run_default("loss", "full")
     optimizer: str = "adamw_torch_fused"
@@ -168,6 +172,7 @@ class MemorySettings:
             (self.loss in LOSSES, f"loss must be one of {', '.join(LOSSES)}"),
             (self.optimizer in OPTIMIZERS, f"optimizer must be one of {', '.join(OPTIMIZERS)}"),
             (self.device in DEVICES, f"device must be one of {', '.join(DEVICES)}"),
+            (self.compute_dtype in COMPUTE_DTYPES, f"compute_dtype must be one of {', '.join(COMPUTE_DTYPES)}"),
         ]
         for ok, rule in rules:
             if not ok:
@@ -241,12 +246,36 @@ class MemoryEstimate:
 # --- the skeleton: the model as the run would hold it, on meta -----------------------------------
 
 
-def _compute_dtype(config: Any, device: str) -> torch.dtype:
-    """The dtype `finetune` loads the model in: the config's, except float16 on a CPU becomes float32."""
+def matmul_dtype(dtype: torch.dtype, device: str) -> torch.dtype:
+    """The dtype `device` multiplies `dtype` tensors in (`kbitprep.precision`'s rule).
+
+    A GPU run planned on a machine without one is taken to run on an Ampere-or-later GPU,
+    which computes bf16 and fp16 fast.
+    """
+    from ..precision import compute_dtype_for
+
+    if device == "cuda" and not torch.cuda.is_available():
+        return dtype
+    return compute_dtype_for(dtype, device)
+
+
+def _dtypes(config: Any, settings: MemorySettings) -> tuple[torch.dtype, torch.dtype]:
+    """(the dtype `finetune` loads the weights in, the dtype its 4-/8-bit layers compute in).
+
+    The weights: the config's dtype, float16 on a CPU made float32. The compute dtype:
+    `--compute-dtype`, or for "auto" the config's dtype where the device computes it fast,
+    else float32. A model that is not quantized loads in its compute dtype.
+    """
     from .loading import compute_dtype
 
     named = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
-    return compute_dtype({"dtype": str(named).removeprefix("torch.") if named else None}, device=device)
+    name = str(named).removeprefix("torch.") if named else None
+    weights = compute_dtype({"dtype": name}, device=settings.device)
+    configured = getattr(torch, name or "float32", None)
+    configured = configured if isinstance(configured, torch.dtype) and configured.is_floating_point else torch.float32
+    computes = (matmul_dtype(configured, settings.device) if settings.compute_dtype == "auto"
+                else getattr(torch, settings.compute_dtype))
+    return (computes if settings.quantize == "none" else weights), computes
 
 
 class TrainingSkeleton:
@@ -271,8 +300,8 @@ class TrainingSkeleton:
             config = load_config(os.fspath(model) if isinstance(model, os.PathLike) else model)
         except (FileNotFoundError, ValueError) as error:
             raise MemoryModelError(f"{error}") from None
-        self.dtype = _compute_dtype(config, settings.device)
-        self.model = build_meta_model(config, quantize=settings.quantize, dtype=self.dtype)
+        weights, self.dtype = _dtypes(config, settings)
+        self.model = build_meta_model(config, quantize=settings.quantize, dtype=weights, compute_dtype=self.dtype)
         self.plan = self._prepare()
         self.model = self._adapt()
         self.model.train()

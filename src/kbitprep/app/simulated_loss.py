@@ -53,13 +53,13 @@ def chunked_loss_plan(model: nn.Module, device: str, backward: str = "fused") ->
     """The `LossPlan` the chunked loss makes for this model on `device`, from its structure alone.
 
     The head's rows and width, whether its weight is a plain matrix the chunks multiply (else
-    the head is called per chunk), the dtype the device multiplies it in (`compute_dtype_for`)
+    the head is called per chunk), the dtype the device multiplies it in (`matmul_dtype`)
     and the chunk size that follows (`CHUNK_LOGITS` values of logits, at least
     `AMORTIZE_TOKENS` positions when the head is re-read per chunk).
     """
     from ..backends import is_plain_tensor
-    from ..precision import compute_dtype_for
     from .loss import AMORTIZE_TOKENS, CHUNK_LOGITS, WEIGHT_PIECE, LossPlan
+    from .memory import matmul_dtype
 
     lm = _unwrap(model)
     head = lm.get_output_embeddings()
@@ -68,7 +68,7 @@ def chunked_loss_plan(model: nn.Module, device: str, backward: str = "fused") ->
     plain = isinstance(base, nn.Linear) and isinstance(weight, torch.Tensor) and is_plain_tensor(weight)
     rows = weight.shape[0] if plain else base.out_features
     width = weight.shape[1] if plain else base.in_features
-    dtype = compute_dtype_for(weight.dtype, device) if plain else None
+    dtype = matmul_dtype(weight.dtype, device) if plain else None
     converted = plain and dtype != weight.dtype
     chunk = max(1, CHUNK_LOGITS // rows)
     hidden = lm.get_input_embeddings().weight.dtype

@@ -88,6 +88,10 @@ class _Where:
         for index, block in enumerate(blocks or ()):
             self.handles.append(block.register_forward_pre_hook(self._enter(index)))
             self.handles.append(block.register_forward_hook(self._leave(index)))
+            # transformers recomputes a checkpointed layer by calling its forward function, not the
+            # module, so the layer's own hooks stay silent in the backward pass; its parts' hooks do not
+            for part in block.children():
+                self.handles.append(part.register_forward_pre_hook(self._enter(index)))
             for param in block.parameters():
                 if param.requires_grad:  # its gradient lands while the step is in this layer's backward
                     self.handles.append(param.register_post_accumulate_grad_hook(self._grad(index)))
@@ -271,6 +275,11 @@ def _position_name(phase: str, last: int) -> str:
     return f"{direction}: layer {position}"
 
 
+def _at_depth(name: str, depth: int) -> str:
+    """ "backward: layer last" -> "backward: layer 79" for a stack of 80 layers."""
+    return name.replace("layer first", "layer 0").replace("layer last", f"layer {depth - 1}")
+
+
 def _classify(allocation: Allocation, grads: set[int]) -> str:
     if allocation.phase == STATIC:
         return STATIC
@@ -384,7 +393,7 @@ def simulate_step(model: nn.Module, batch: Callable[[], dict[str, torch.Tensor]]
     with _depth(blocks, 3):
         longer = _guarded(lambda: _run(model, blocks, batch, loss_fn))
     steps = depth - 2
-    moments = {name: moment.scaled(longer.moments[name], steps)
+    moments = {name: dataclasses.replace(moment.scaled(longer.moments[name], steps), where=_at_depth(name, depth))
                for name, moment in short.moments.items() if name in longer.moments}
     gradients = round(short.gradient_bytes + (longer.gradient_bytes - short.gradient_bytes) * steps)
     return StepProfile(moments, gradients)
