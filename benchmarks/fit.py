@@ -58,10 +58,11 @@ class FitCase:
     lora_r: int
     batch_size: int
     seq_len: int
+    quantize: str = "nf4"
 
     @property
     def name(self) -> str:
-        return (f"{self.arch} {self.loss} {self.upcast} r{self.lora_r} "
+        return (f"{self.arch} {self.quantize} {self.loss} {self.upcast} r{self.lora_r} "
                 f"b{self.batch_size} s{self.seq_len}")
 
 
@@ -80,6 +81,8 @@ FIT_GRID: tuple[FitCase, ...] = (
     FitCase("gemma2", "full", "norms", 32, 2, 256),
     FitCase("gemma2", "chunked", "all", 16, 3, 512),
     FitCase("gemma2", "full", "all", 64, 1, 1024),
+    FitCase("llama-6L", "full", "norms", 16, 2, 256, quantize="int8"),
+    FitCase("gpt2", "chunked", "norms", 32, 2, 256, quantize="fp4"),
 )
 
 QUICK_GRID: tuple[FitCase, ...] = (
@@ -163,7 +166,7 @@ def _run_case(case: FitCase, workdir: Path, steps: int) -> tuple[FitRow, str]:
     model = _write_model(ARCHITECTURES[case.arch], workdir / "model", seed=0)
     data = _write_rows(workdir / "rows.jsonl", rows=case.batch_size * steps, seq_len=case.seq_len, seed=0)
     settings = FinetuneSettings(
-        model=str(model), data=str(data), output=str(workdir / "run"), quantize="nf4", upcast=case.upcast,
+        model=str(model), data=str(data), output=str(workdir / "run"), quantize=case.quantize, upcast=case.upcast,
         lora_r=case.lora_r, lora_alpha=2.0 * case.lora_r, batch_size=case.batch_size, seq_len=case.seq_len,
         max_steps=steps, save_steps=10 * steps, **_loss_setting(case.loss))
     memory = finetune(settings).memory
@@ -243,10 +246,11 @@ def render_fit(result: FitGridResult | None) -> list[str]:
     if result is None:
         return []
     mib = 2**20
-    rows = [(row.case.arch, row.case.loss, row.case.upcast, row.case.lora_r, row.case.batch_size, row.case.seq_len,
-             f"{row.predicted / mib:,.1f}", f"{row.measured / mib:,.1f}", f"{100 * row.error:+.2f}%", row.peak_at)
-            for row in result.rows]
-    header = ("model", "loss", "upcast", "r", "batch", "seq", "predicted MiB", "measured MiB", "error", "peak at")
+    rows = [(row.case.arch, row.case.quantize, row.case.loss, row.case.upcast, row.case.lora_r, row.case.batch_size,
+             row.case.seq_len, f"{row.predicted / mib:,.1f}", f"{row.measured / mib:,.1f}", f"{100 * row.error:+.2f}%",
+             row.peak_at) for row in result.rows]
+    header = ("model", "weights", "loss", "upcast", "r", "batch", "seq", "predicted MiB", "measured MiB", "error",
+              "peak at")
     lines = [
         "## Fit check: the memory model against measurement",
         "",
@@ -254,11 +258,16 @@ def render_fit(result: FitGridResult | None) -> list[str]:
         "config.json alone (`kbitprep.app.memory`: the quantized skeleton on the meta device, prepared and",
         "adapted as `finetune` does, one training step run on meta tensors). Each row below is a real",
         f"`kbitprep finetune` run on this CPU ({result.steps} optimizer steps, random weights, rows cut to exactly",
-        "`--seq-len` tokens, 4-bit NF4, the Trainer's fused AdamW); `finetune` records both numbers in",
-        "report.json: the prediction, made before the model is loaded, and the peak of live tensor bytes from",
-        f"preparation to the end of training, measured as {result.measured_by} (a `TorchDispatchMode` that",
-        "counts every storage from its allocation until a weak reference says it was freed; custom operators'",
-        "own temporaries, such as the weight a 4-bit matmul dequantizes, are counted too). Models: Llama with",
+        "`--seq-len` tokens, 4-bit NF4 unless the row says int8 or fp4, the Trainer's fused AdamW). `finetune`",
+        "records both numbers in report.json: the prediction, made before the model is loaded, and the peak of",
+        f"live tensor bytes from preparation to the end of training, measured as {result.measured_by} (a",
+        "`TorchDispatchMode` that counts every storage from its allocation until a weak reference says it was",
+        "freed; custom operators' own temporaries, such as the weight a 4-bit matmul dequantizes, are counted",
+        "too). Both sides count tensors the same way, so what a row tests is that the step run on meta tensors",
+        "allocates what the real step on this CPU allocates, through the Trainer, with real kernels and data.",
+        "Scratch memory a native kernel takes inside itself is seen by neither; on a GPU, the `gpu`-marked test",
+        "in tests/test_memory.py compares the estimate with `torch.cuda.max_memory_allocated`, which sees it.",
+        "Models: Llama with",
         "6 layers (the estimate simulates 2 and 3 and extrapolates), Qwen2 with its 151,936-token vocabulary",
         "and tied embeddings, GPT-2 (Conv1D, learned positions), Gemma-2 (softcapping, sliding window);",
         "hidden size 64 so that the grid runs in minutes.",
@@ -283,6 +292,6 @@ def render_fit(result: FitGridResult | None) -> list[str]:
 
 
 def _table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> list[str]:
-    rule = ["---"] * 3 + ["---:"] * (len(header) - 4) + ["---"]
+    rule = ["---"] * 4 + ["---:"] * (len(header) - 5) + ["---"]
     return ["| " + " | ".join(header) + " |", "| " + " | ".join(rule) + " |"] + \
            ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
