@@ -10,8 +10,8 @@ from rich.console import Console
 from ..app.settings import SETTINGS, add_arguments
 
 # The `finetune` settings that change a training step's memory; inspect takes them as finetune does.
-RUN_OPTIONS = ("quantize", "upcast", "lora_r", "lora_dropout", "target_modules", "batch_size", "seq_len", "loss",
-               "gradient_checkpointing")
+RUN_OPTIONS = ("quantize", "upcast", "compute_dtype", "lora_r", "lora_dropout", "target_modules", "batch_size",
+               "seq_len", "loss", "gradient_checkpointing")
 
 HELP = ("show the preparation plan of a local model under each upcast policy, and the peak memory of a "
         "training step (no weights needed)")
@@ -31,13 +31,16 @@ def add_parser(commands: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 def add_memory_options(parser: argparse.ArgumentParser, missing: list[str]) -> None:
     """What a step's memory depends on beyond `finetune`'s settings (`missing` of them too), and the budget."""
-    from ..app.memory import DEVICES, LOSSES, OPTIMIZERS, MemorySettings
+    from ..app.memory import COMPUTE_DTYPES, DEVICES, LOSSES, OPTIMIZERS, MemorySettings
 
     defaults = MemorySettings()
     group = parser.add_argument_group("training step memory")
     if "loss" in missing:
         group.add_argument("--loss", choices=list(LOSSES), default=defaults.loss,
                            help="the loss (default: %(default)s)")
+    if "compute_dtype" in missing:
+        group.add_argument("--compute-dtype", choices=list(COMPUTE_DTYPES), default=defaults.compute_dtype,
+                           help="the dtype quantized layers compute in (default: %(default)s)")
     if "gradient_checkpointing" in missing:
         group.add_argument("--no-gradient-checkpointing", dest="gradient_checkpointing", action="store_false",
                            help="estimate without gradient checkpointing (every layer keeps its activations)")
