@@ -280,3 +280,21 @@ def test_merge_command_writes_the_chosen_dtype(finished_run: Path, tmp_path: Pat
     assert json.loads((tmp_path / "fp16" / "config.json").read_text())["dtype"] == "float16"
     out = capsys.readouterr().out
     assert "merged 14 adapted layer(s)" in out and str(tmp_path / "fp16") in out
+
+
+def test_the_merged_tokenizer_carries_the_runs_chat_template(tmp_path: Path) -> None:
+    from kbitprep.app.demo import build_tiny_model
+    from kbitprep.app.merge import _tokenizer, read_finished_run
+
+    model = build_tiny_model(tmp_path / "model")
+    template = tmp_path / "chat.jinja"
+    template.write_text("{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}")
+    run = tmp_path / "run"
+    (run / "adapter").mkdir(parents=True)
+    (run / "adapter" / "adapter_config.json").write_text("{}")
+    settings = {"model": str(model), "quantize": "nf4", "chat_template": str(template)}
+    (run / "report.json").write_text(json.dumps({"status": "finished", "settings": settings}))
+    assert _tokenizer(read_finished_run(run)).chat_template == template.read_text()
+    template.unlink()
+    with pytest.raises(MergeError, match="chat.jinja: the run's --chat-template cannot be read"):
+        _tokenizer(read_finished_run(run))
