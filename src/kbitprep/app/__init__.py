@@ -12,5 +12,9 @@ top of it. One module per concern:
     run_report   FinetuneReport (report.json); plotting: the loss curve (matplotlib)
     observer     FinetuneObserver, the progress interface the CLI renders
     distributed  starting the processes and the barriers under torchrun
-    data, loading, outputs, quiet, inspection, demo, merge, loss: as their docstrings say
+    chat         "messages" rows: the chat template, the assistant spans that are trained
+    packing      rows packed into --seq-len sequences, and the check that they stay apart
+    evaluation   held-out rows, the eval loss and perplexity during training
+    merge        `kbitprep merge`: the adapter folded into the dequantized base
+    data, loading, outputs, quiet, inspection, demo, loss: as their docstrings say
 """
