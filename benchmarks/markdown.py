@@ -9,7 +9,8 @@ from kbitprep.report import format_count
 from .capture import Emitted, distinct
 from .fit import render_fit
 from .packing import render_packing
-from .results import BenchmarkResults, check_targets
+from .loss_memory import LOSS_VARIANTS
+from .results import BenchmarkResults, check_targets, ratio_of
 from .shapes import published_source
 from .training import PATTERN_TOKENS, WARNING_STEPS, WORKER_ENV, TrainingResult
 from .variants import REFERENCE, VARIANTS
@@ -309,6 +310,70 @@ def _key(item: dict[str, str]) -> tuple[str, str, str]:
     return item["kind"], item["category"], item["message"]
 
 
+def _loss_memory(results: BenchmarkResults) -> list[str]:
+    """Section 5: the chunked loss against transformers' loss, each after its own preparation."""
+    settings = results.loss_memory_settings
+    if settings is None or not results.loss_memory:
+        return []
+    speed = results.bf16_speed
+    lines = [
+        "## Training peak memory with the chunked loss",
+        "",
+        "The reference pipeline (peft's preparation, then transformers' own loss: the full logits, as the Trainer",
+        "computes it) against kbitprep's command defaults (`upcast=\"norms\"`, then `kbitprep.causal_lm_loss`:",
+        "the LM head and cross-entropy over chunks of positions). Same checkpoint, LoRA (r="
+        f"{settings.rank}, every linear layer), AdamW, seed and data as section 2; every token is trained, so the",
+        "chunked loss drops no position and its saving is the chunking alone. Each variant is a process of its",
+        f"own ({_threads(settings)}); the two take turns, one step each per round. Peak = VmHWM, reset after",
+        f"loading: the peak from preparation to the end of {settings.steps} steps of batch {settings.batch_size} x "
+        f"{settings.seq_len}. Then, for each length, the mark is reset and one step run: the peak per length, and",
+        "its least-squares slope per token of the batch. Median step over steps "
+        f"{settings.warmup + 1}-{settings.steps}.",
+        "",
+        f"CPU: {results.machine.cpu}. bf16 speed: a frozen `Linear(256, 32000)` on 512 tokens, forward + backward,"
+        f" 1 thread: fp32 {speed.get('float32', 0) * 1000:.0f} ms, bf16 {speed.get('bfloat16', 0) * 1000:.0f} ms "
+        f"({speed.get('bfloat16', 0) / speed.get('float32', 1):.2f}x fp32's time)"
+        + (" -- a CPU with fast bf16." if speed.get("bfloat16", 0) <= speed.get("float32", 0) else
+           " -- a CPU where bf16 is slow."),
+        "",
+    ]
+    header = ["model", "variant", "peak from preparation (MiB)", "vs ref", "median step (s)", "vs ref",
+              "final loss", "vs ref", *(f"peak at {t:,} tokens (MiB)" for t in _token_counts(results)),
+              "KiB per token", "vs ref"]
+    rows = []
+    for label, runs in results.loss_memory.items():
+        reference = runs["reference"]
+        for name, run in runs.items():
+            rows.append([label, LOSS_VARIANTS[name][0], _mib(run.peak_from_prepare_bytes),
+                         f"{run.peak_from_prepare_bytes / reference.peak_from_prepare_bytes:.3f}x",
+                         f"{run.median_step_s:.2f}", f"{run.median_step_s / reference.median_step_s:.3f}x",
+                         f"{run.final_loss:.4f}",
+                         f"{(run.final_loss - reference.final_loss) / reference.final_loss:+.3%}",
+                         *(_mib(run.peak_by_tokens[str(t)]) for t in _token_counts(results)),
+                         f"{run.slope_bytes_per_token / 1024:,.1f}",
+                         f"{ratio_of(run.slope_bytes_per_token, reference.slope_bytes_per_token):.3f}x"])
+    lines += _table(header, rows, "ll" + "r" * (len(header) - 2)) + [""]
+    return lines + _loss_plans(results)
+
+
+def _token_counts(results: BenchmarkResults) -> list[int]:
+    settings = results.loss_memory_settings
+    return [settings.batch_size * length for length in settings.seq_lens] if settings else []
+
+
+def _loss_plans(results: BenchmarkResults) -> list[str]:
+    lines = ["How kbitprep computed each loss (`kbitprep.plan_loss`):", ""]
+    for label, runs in results.loss_memory.items():
+        plan = runs["kbitprep"].loss_plan or {}
+        config = results.loss_memory_configs.get(label, {})
+        lines.append(f"- {label} (vocabulary {config.get('vocab_size', 0):,}, hidden {config.get('hidden_size', 0)},"
+                     f" {config.get('num_hidden_layers', 0)} layers): {plan.get('loss')} loss, head: "
+                     f"{plan.get('head')}, matmul in {plan.get('compute_dtype')} ({plan.get('precision')}), "
+                     f"{plan.get('chunk_tokens')} positions per chunk, {_mib(plan.get('chunk_bytes', 0))} MiB per "
+                     "chunk.")
+    return lines + [""]
+
+
 def _notes(results: BenchmarkResults) -> list[str]:
     return [
         "## Reading these numbers",
@@ -328,5 +393,6 @@ def _notes(results: BenchmarkResults) -> list[str]:
 def render(results: BenchmarkResults) -> str:
     """BENCHMARKS.md for a run."""
     parts = [_header(results), _targets(results), _footprint(results), _training(results), _prepare_time(results),
-             _warnings(results), render_packing(results.packing), render_fit(results.fit), _notes(results)]
+             _warnings(results), render_packing(results.packing), render_fit(results.fit),
+             _loss_memory(results), _notes(results)]
     return "\n".join(line for part in parts for line in part).rstrip() + "\n"

@@ -7,13 +7,14 @@ from collections.abc import Callable
 
 from .fit import FitGridResult, check_mean, check_worst
 from .footprint import FootprintRow
-from .packing import PackingResult
+from .loss_memory import LossMemoryResult, LossMemorySettings
 from .machine import Machine
+from .packing import PackingResult
 from .real_model import RealModelResult
 from .training import TrainingResult, TrainingSettings
 from .variants import REFERENCE
 
-__all__ = ["BenchmarkResults", "Target", "TARGETS", "check_targets"]
+__all__ = ["TARGETS", "BenchmarkResults", "Target", "check_targets", "ratio_of"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,6 +33,11 @@ class BenchmarkResults:
     training: dict[str, TrainingResult]
     packing: PackingResult | None = None
     fit: FitGridResult | None = None
+    # The chunked loss's memory benchmark: model label -> its config, and -> variant -> result.
+    loss_memory_settings: LossMemorySettings | None = None
+    loss_memory_configs: dict[str, dict] = dataclasses.field(default_factory=dict)
+    loss_memory: dict[str, dict[str, LossMemoryResult]] = dataclasses.field(default_factory=dict)
+    bf16_speed: dict[str, float] = dataclasses.field(default_factory=dict)
 
     def footprint_of(self, model: str) -> FootprintRow | None:
         return next((row for row in self.footprint if row.model == model), None)
@@ -100,6 +106,31 @@ def _no_kbitprep_warnings(results: BenchmarkResults) -> tuple[str, bool] | None:
     return ", ".join(f"{name}: {count}" for name, count in counts.items()), not any(counts.values())
 
 
+def ratio_of(ours: float, theirs: float) -> float:
+    """ours / theirs; a reference of 0 (a flat slope on a tiny model) gives 1 when ours is 0 too, else inf."""
+    if theirs:
+        return ours / theirs
+    return 1.0 if not ours else float("inf")
+
+
+def _loss_memory(model_kind: str, measure: Callable[[LossMemoryResult], float], limit: float,
+                 relative_change: bool = False) -> Callable[[BenchmarkResults], tuple[str, bool] | None]:
+    """kbitprep's figure over the reference's on every loss-memory model whose label starts with `model_kind`
+    ("" for all): the worst one decides."""
+    def check(results: BenchmarkResults) -> tuple[str, bool] | None:
+        runs = {label: run for label, run in results.loss_memory.items() if label.startswith(model_kind)}
+        if not runs:
+            return None
+        values = {}
+        for label, run in runs.items():
+            ratio = ratio_of(measure(run["kbitprep"]), measure(run["reference"]))
+            values[label] = abs(ratio - 1) if relative_change else ratio
+        shown = ", ".join(f"{label.split(' ')[0]}: " + (f"{v:.2%}" if relative_change else f"{v:.3f}x")
+                          for label, v in values.items())
+        return shown, max(values.values()) <= limit
+    return check
+
+
 TARGETS: tuple[Target, ...] = (
     Target('"norms" footprint <= 0.65x reference on Qwen2-0.5B', _footprint_ratio("Qwen2-0.5B", "norms", 0.65)),
     Target('"norms" footprint <= 0.80x reference on Llama-3-8B', _footprint_ratio("Llama-3-8B", "norms", 0.80)),
@@ -115,6 +146,16 @@ TARGETS: tuple[Target, ...] = (
     Target("zero warnings from kbitprep (preparation + 3 training steps)", _no_kbitprep_warnings),
     Target("fit check: worst |error| of the predicted peak <= 10%", lambda results: check_worst(results.fit)),
     Target("fit check: mean |error| of the predicted peak <= 5%", lambda results: check_mean(results.fit)),
+    Target('chunked loss + "norms": peak from preparation <= 0.55x reference on the Qwen2-0.5B shape',
+           _loss_memory("Qwen2", lambda r: r.peak_from_prepare_bytes, 0.55)),
+    Target('chunked loss + "norms": peak from preparation <= 0.85x reference on the 110M model',
+           _loss_memory("110M", lambda r: r.peak_from_prepare_bytes, 0.85)),
+    Target("chunked loss: memory per token of context <= 0.25x the reference's (both models)",
+           _loss_memory("", lambda r: r.slope_bytes_per_token, 0.25)),
+    Target("chunked loss: median step time <= 1.05x reference (both models)",
+           _loss_memory("", lambda r: r.median_step_s, 1.05)),
+    Target("chunked loss: final loss within 0.5% of the reference's (both models)",
+           _loss_memory("", lambda r: r.final_loss, 0.005, relative_change=True)),
 )
 
 

@@ -6,10 +6,12 @@
 3. preparation time on the real Qwen2-0.5B;
 4. warnings of preparation and the first training steps;
 5. packing: trained tokens per second with and without `--pack` on rows of mixed lengths;
-6. the memory model's predicted peak against `finetune`'s measured one, on a grid of real runs.
+6. the memory model's predicted peak against `finetune`'s measured one, on a grid of real runs;
+7. the chunked loss: peak memory from preparation to the end of training, step time, final
+   loss and memory per token of context, against peft's preparation + transformers' loss.
 
 Each compares kbitprep's policies with the reference, `peft.prepare_model_for_kbit_training`,
-measured in the same run. The full run takes about four minutes on two CPU cores (more
+measured in the same run. The full run takes about ten minutes on two CPU cores (more
 when they are busy); `--quick` runs every part on tiny models in well under a minute.
 """
 
@@ -34,12 +36,19 @@ import transformers  # noqa: E402
 
 from benchmarks.fit import FIT_GRID, QUICK_GRID, measure_fit_grid  # noqa: E402
 from benchmarks.footprint import measure_footprint  # noqa: E402
+from benchmarks.loss_memory import LossMemorySettings, bf16_speed, run_loss_memory  # noqa: E402
 from benchmarks.machine import describe_machine  # noqa: E402
 from benchmarks.markdown import render  # noqa: E402
 from benchmarks.packing import PackingSettings, measure_packing  # noqa: E402
 from benchmarks.real_model import measure_real_model  # noqa: E402
 from benchmarks.results import BenchmarkResults, check_targets  # noqa: E402
-from benchmarks.shapes import PUBLISHED_CONFIGS, REAL_SHAPE, TINY_CONFIG, TRAINING_CONFIG  # noqa: E402
+from benchmarks.shapes import (  # noqa: E402
+    LOSS_MEMORY_CONFIGS,
+    PUBLISHED_CONFIGS,
+    REAL_SHAPE,
+    TINY_CONFIG,
+    TRAINING_CONFIG,
+)
 from benchmarks.training import TrainingSettings, run_training  # noqa: E402
 from benchmarks.variants import VARIANTS  # noqa: E402
 
@@ -65,6 +74,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--skip-training", action="store_true", help="skip training and its warnings")
     parser.add_argument("--skip-packing", action="store_true", help="skip the packing throughput comparison")
     parser.add_argument("--skip-fit", action="store_true", help="skip the memory model's grid of finetune runs")
+    parser.add_argument("--skip-loss-memory", action="store_true",
+                        help="skip the chunked loss's peak memory, step time and memory per token")
     parser.add_argument("--quick", action="store_true",
                         help="tiny models and few steps everywhere: checks the script, measures nothing useful")
     return parser
@@ -113,12 +124,24 @@ def run(args: argparse.Namespace, command: str) -> BenchmarkResults:
     if not args.skip_fit:
         _log("[6] fit check: predicted against measured peak, one finetune run per row")
         fit = measure_fit_grid(QUICK_GRID if args.quick else FIT_GRID, log=_log)
+    loss_settings, loss_configs, loss_runs = None, {}, {}
+    if not args.skip_loss_memory:
+        _log("[7] the chunked loss: peak memory from preparation, step time, memory per token")
+        loss_configs = {QUICK_NAME: dict(TINY_CONFIG)} if args.quick else {k: dict(v) for k, v in
+                                                                           LOSS_MEMORY_CONFIGS.items()}
+        loss_settings = LossMemorySettings(seq_len=32, seq_lens=(16, 32, 64), batch_size=1, steps=2, warmup=1) \
+            if args.quick else LossMemorySettings(threads=args.threads or None)
+        for label, config in loss_configs.items():
+            _log(f"  {label}")
+            loss_runs[label] = run_loss_memory(config, loss_settings, log=_log)
 
     return BenchmarkResults(
         command=command, started_utc=started_utc, duration_s=time.perf_counter() - started, machine=machine,
         footprint=footprint, real=real, training_config=training_config,
         training_footprint=measure_footprint("training model", training_config),
         training_settings=settings, training=training, packing=packing, fit=fit,
+        loss_memory_settings=loss_settings, loss_memory_configs=loss_configs, loss_memory=loss_runs,
+        bf16_speed=bf16_speed() if not args.skip_loss_memory else {},
     )
 
 

@@ -15,7 +15,8 @@ from typing import Any
 
 import torch
 
-__all__ = ["LOAD_DTYPE", "PUBLISHED_CONFIGS", "REAL_SHAPE", "TINY_CONFIG", "TRAINING_CONFIG", "published_source"]
+__all__ = ["LOAD_DTYPE", "LOSS_MEMORY_CONFIGS", "PUBLISHED_CONFIGS", "QWEN_LOSS_LAYERS", "REAL_SHAPE", "TINY_CONFIG",
+           "TRAINING_CONFIG", "published_source"]
 
 LOAD_DTYPE = torch.bfloat16
 
@@ -110,4 +111,15 @@ TINY_CONFIG: Mapping[str, Any] = {
     "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
     "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 1024,
     "max_position_embeddings": 512, "max_window_layers": 2, "sliding_window": 512,
+}
+
+# The chunked-loss memory benchmark: the training model above, and Qwen2-0.5B's real head
+# (151,936 x 896, tied to the embeddings) on 4 of its 24 layers, which keeps a CPU step within
+# seconds while the head, the part the loss changes, is the real one.
+QWEN_LOSS_LAYERS = 4
+LOSS_MEMORY_CONFIGS: Mapping[str, Mapping[str, Any]] = {
+    "110M model (section 2)": {**TRAINING_CONFIG, "max_position_embeddings": 1024},
+    f"Qwen2-0.5B shape, {QWEN_LOSS_LAYERS} of 24 layers": {
+        **PUBLISHED_CONFIGS["Qwen2-0.5B"], "num_hidden_layers": QWEN_LOSS_LAYERS, "max_window_layers": QWEN_LOSS_LAYERS,
+    },
 }

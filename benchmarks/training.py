@@ -255,10 +255,11 @@ _READY, _DONE, _STEP, _FINISH = "@@ready", "@@done", "step", "finish"
 class _Worker:
     """A worker process as `run_training` drives it."""
 
-    def __init__(self, checkpoint: Path, name: str, settings: TrainingSettings, output: Path, log_dir: Path) -> None:
+    def __init__(self, checkpoint: Path, name: str, settings: Any, output: Path, log_dir: Path,
+                 module: str = "benchmarks.training") -> None:
         self.name, self.output = name, output
         self.stderr_path = log_dir / f"{name}.stderr"
-        command = [sys.executable, "-m", "benchmarks.training", "--checkpoint", str(checkpoint), "--variant", name,
+        command = [sys.executable, "-m", module, "--checkpoint", str(checkpoint), "--variant", name,
                    "--output", str(output), "--settings", json.dumps(dataclasses.asdict(settings))]
         pythonpath = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
         env = {**os.environ, **WORKER_ENV, "PYTHONPATH": pythonpath}

@@ -241,6 +241,17 @@ class Zoo:
         return loss.detach(), {name: param.grad for name, param in model.named_parameters() if param.requires_grad}
 
 
+@pytest.fixture(autouse=True)
+def half_precision_counts_as_fast():
+    """Every half precision counts as fast on the CPU, so that what a test sees does not depend on the
+    vector units of the machine it runs on (fp16 is slow on this one, bf16 on an AVX2-only one). Tests
+    of the precision rule itself override this (`kbitprep.precision.override_fast_dtypes`)."""
+    from kbitprep.precision import override_fast_dtypes
+
+    with override_fast_dtypes("cpu", {torch.bfloat16, torch.float16}):
+        yield
+
+
 @pytest.fixture
 def single_thread():
     """Run torch on one thread for the test: these models are tiny, and on a shared 2-core

@@ -13,13 +13,31 @@ if str(REPO_ROOT) not in sys.path:  # `benchmarks` is a folder of the repository
 
 from benchmarks.checkpoints import save_random_checkpoint  # noqa: E402
 from benchmarks.footprint import measure_footprint  # noqa: E402
+from benchmarks.loss_memory import (  # noqa: E402
+    LOSS_VARIANTS,
+    LossMemoryResult,
+    LossMemorySettings,
+    LossRun,
+    bf16_speed,
+    slope,
+)
 from benchmarks.machine import describe_machine  # noqa: E402
 from benchmarks.markdown import render  # noqa: E402
-from benchmarks.packing import PackingSettings, measure_packing, mixed_rows, render_packing  # noqa: E402
+from benchmarks.packing import (  # noqa: E402
+    PackingSettings,
+    measure_packing,
+    mixed_rows,
+    render_packing,
+)
 from benchmarks.real_model import measure_real_model  # noqa: E402
 from benchmarks.results import BenchmarkResults, check_targets  # noqa: E402
 from benchmarks.shapes import PUBLISHED_CONFIGS, TINY_CONFIG  # noqa: E402
-from benchmarks.training import TrainingResult, TrainingSettings, synthetic_batches, train_variant  # noqa: E402
+from benchmarks.training import (  # noqa: E402
+    TrainingResult,
+    TrainingSettings,
+    synthetic_batches,
+    train_variant,
+)
 from benchmarks.variants import VARIANTS  # noqa: E402
 
 
@@ -91,3 +109,36 @@ def test_fit_grid_runs_finetune_and_renders_its_section():
     assert check_worst(result)[1] is True
     text = "\n".join(render_fit(result))
     assert "## Fit check" in text and "| gpt2 |" in text
+
+
+def test_slope_is_the_least_squares_bytes_per_token():
+    assert slope({512: 1000, 1024: 2100, 2048: 4100}) == pytest.approx(2.0, rel=0.02)
+    assert slope({512: 7}) == 0.0
+
+
+def test_loss_memory_workers_and_section(tiny_row, tmp_path):
+    """Both loss-memory variants in this process on the tiny Qwen2, and their section rendered from them."""
+    settings = LossMemorySettings(seq_len=16, seq_lens=(8, 16), batch_size=1, steps=2, warmup=1, threads=None)
+    checkpoint = save_random_checkpoint(TINY_CONFIG, tmp_path / "model")
+    runs = {}
+    for name in LOSS_VARIANTS:
+        run = LossRun(checkpoint, name, settings)
+        for _ in range(settings.steps):
+            run.step()
+        run.slope()
+        runs[name] = LossMemoryResult(**run.figures())
+    assert runs["kbitprep"].loss_plan["loss"] == "chunked" and runs["reference"].loss_plan is None
+    assert runs["kbitprep"].losses == pytest.approx(runs["reference"].losses, rel=2e-2)  # norms vs all: bf16 noise
+    assert set(runs["reference"].peak_by_tokens) == {"8", "16"}
+
+    results = BenchmarkResults(
+        command="python benchmarks/run.py", started_utc="now", duration_s=1.0,
+        machine=describe_machine(REPO_ROOT), footprint=[tiny_row], real=None, training_config=dict(TINY_CONFIG),
+        training_footprint=tiny_row, training_settings=None, training={},
+        loss_memory_settings=settings, loss_memory_configs={"Qwen2-0.5B tiny": dict(TINY_CONFIG)},
+        loss_memory={"Qwen2-0.5B tiny": runs}, bf16_speed=bf16_speed(),
+    )
+    text = render(results)
+    assert "## Training peak memory with the chunked loss" in text and "peak at 16 tokens" in text
+    outcomes = {target.name: met for target, _, met in check_targets(results)}
+    assert outcomes["chunked loss: median step time <= 1.05x reference (both models)"] is not None

@@ -97,7 +97,7 @@ def text_data(workdir: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def finished_run(workdir: Path, tiny_model: Path, prompt_data: Path) -> Path:
-    """A finished `finetune` run on prompt/completion rows (NF4, upcast all, dropout 0.1)."""
+    """A finished `finetune` run on prompt/completion rows (NF4, the default upcast "norms", dropout 0.1)."""
     run = workdir / "run-prompts"
     result = kbitprep("finetune", tiny_model, prompt_data, "--output", run, "--max-steps", "30",
                       "--lora-dropout", "0.1", "--sample", "after c:", *FAST)
@@ -122,6 +122,11 @@ def test_demo_learns_and_writes_its_outputs(workdir: Path) -> None:
     assert sum(losses[-5:]) / 5 <= 0.7 * losses[0]  # the training loss falls by at least 30%
     assert report["loss_drop"] >= 0.3 and report["batch_loss_after"] <= 0.7 * report["batch_loss_before"]
     assert report["plan"]["quantization"] == "bitsandbytes-4bit"
+    # The command's defaults: upcast "norms", the chunked loss; the peak it measured is recorded.
+    assert report["settings"]["upcast"] == "norms" and report["settings"]["loss"] == "chunked"
+    assert report["loss"]["loss"] == "chunked" and report["loss"]["reason"] is None
+    assert report["loss"]["measured_peak"]["bytes"] > 0
+    assert report["model"]["compute_dtype"] in ("bfloat16", "float32")
     assert set(report["versions"]) >= {"torch", "transformers", "peft", "bitsandbytes", "kbitprep"}
     assert {"load_s", "train_s", "total_s"} <= set(report["timings"])
     assert [s["prompt"] for s in report["samples"]] == ["klm", "3456"]
@@ -189,6 +194,7 @@ def test_finetune_text_rows_with_fp4_norms_and_named_targets(workdir: Path, tiny
     assert result.returncode == 0, result.stderr
     report = report_of(run)
     assert report["settings"]["quantize"] == "fp4" and report["plan"]["upcast"] == "norms"
+    assert report["loss"]["loss"] == "chunked"  # the default, here with gradient accumulation
     assert report["settings"]["target_modules"] == ["q_proj", "v_proj", "down_proj"]
     assert report["batch_loss_after"] < 0.8 * report["batch_loss_before"]
     names = adapter_tensors(run)

@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kbitprep import precision
+from kbitprep import plan_preparation, precision
 from kbitprep.precision import compute_dtype_for, computes_fast, device_precision, override_fast_dtypes
 
 
 def test_cpu_answer_follows_onednn_support():
-    found = device_precision("cpu")
+    found = precision._cpu_precision()  # the rule itself, not the tests' pinned answer (conftest)
     expected_bf16 = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
     assert (torch.bfloat16 in found.fast) == expected_bf16
     assert torch.float32 in found.fast
@@ -22,7 +22,7 @@ def test_answer_is_cached(monkeypatch):
     monkeypatch.setitem(precision._DETECTORS, "cpu", lambda: calls.append(1) or precision._cpu_precision())
     precision._detected.cache_clear()
     try:
-        device_precision("cpu"), device_precision(torch.device("cpu"))
+        precision._detected("cpu"), precision._detected("cpu")
         assert calls == [1]
     finally:
         precision._detected.cache_clear()
@@ -40,7 +40,7 @@ def test_half_precision_is_kept_only_where_it_is_fast(fast, expected):
 
 
 def test_override_is_undone_after_the_block():
-    before = device_precision("cpu")
+    before = device_precision("cpu")  # conftest's pinned answer, restored after the nested overrides
     with override_fast_dtypes("cpu", set()), override_fast_dtypes("cpu", {torch.float16}):
         assert device_precision("cpu").fast == {torch.float32, torch.float16}
     assert device_precision("cpu") == before
@@ -75,3 +75,47 @@ def test_a_device_without_half_kernels_gets_fp32_only(monkeypatch):
 
 def test_timing_probe_runs_on_this_cpu():
     assert precision._time_matmul("cpu", torch.float32) > 0
+
+
+def _bf16_llama() -> torch.nn.Module:
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=4, num_key_value_heads=2)
+    return AutoModelForCausalLM.from_config(config).to(torch.bfloat16)
+
+
+@pytest.mark.parametrize("upcast", ["none", "norms", "all"])
+@pytest.mark.parametrize("fast", [{torch.bfloat16}, set()], ids=["bf16-fast", "bf16-slow"])
+def test_plan_warns_with_a_code_when_layers_compute_in_a_slow_precision(fast, upcast):
+    with override_fast_dtypes("cpu", fast):
+        plan = plan_preparation(_bf16_llama(), upcast=upcast)
+    slow = set() if fast or upcast == "all" else {"slow-head-precision", "slow-precision"}
+    assert slow == {"slow-head-precision", "slow-precision"} & set(plan.codes)
+    for diagnostic in plan.diagnostics:
+        if diagnostic.code == "slow-head-precision":  # names the head, the cost of the fix and the other fix
+            assert "lm_head" in diagnostic.message and "upcast='all'" in diagnostic.message
+            assert f"+{128 * 32 * 2:,} bytes" in diagnostic.message and "causal_lm_loss" in diagnostic.message
+
+
+def test_four_bit_compute_dtype_in_a_slow_precision_names_bnb_4bit_compute_dtype(zoo):
+    model = zoo.load("llama", "nf4-dq")  # bf16 compute dtype
+    with override_fast_dtypes("cpu", set()):
+        plan = plan_preparation(model, upcast="all")
+    (diagnostic,) = [d for d in plan.diagnostics if d.code == "slow-precision"]
+    assert "bnb_4bit_compute_dtype=torch.float32" in diagnostic.message and "q_proj" in diagnostic.message
+    with override_fast_dtypes("cpu", {torch.bfloat16}):
+        assert "slow-precision" not in plan_preparation(model, upcast="all").codes
+
+
+@pytest.mark.parametrize("fast, expected", [({torch.bfloat16}, torch.bfloat16), (set(), torch.float32)],
+                         ids=["fast-bf16", "slow-bf16"])
+def test_the_command_picks_the_4bit_compute_dtype_by_the_same_rule(fast, expected):
+    from kbitprep.app.loading import resolve_compute_dtype
+
+    config = {"dtype": "bfloat16"}
+    with override_fast_dtypes("cpu", fast):
+        assert resolve_compute_dtype(config, "auto", "cpu") == expected
+        assert resolve_compute_dtype(config, "float16", "cpu") == torch.float16  # the user's choice stands
+    assert resolve_compute_dtype({}, "auto", "cpu") == torch.float32  # no dtype in the config: float32

@@ -41,6 +41,7 @@ from .backends.base import OwnedParameter, is_plain_tensor
 from .checkpointing import CheckpointingPlan, plan_checkpointing, validate_checkpointing_kwargs
 from .diagnostics import Diagnostic, error_code, warning_code
 from .errors import NotQuantizedWarning
+from .precision import SlowLayer, device_precision, slow_layers
 
 __all__ = [
     "HALF_DTYPES",
@@ -104,6 +105,10 @@ PEFT_MODEL = warning_code("peft-model", "the model is a PeftModel: its adapters 
 NOT_QUANTIZED = warning_code("not-quantized", "the model holds no quantized weights", NotQuantizedWarning)
 UNKNOWN_TENSOR_SUBCLASS = warning_code("unknown-tensor-subclass",
                                        "parameters are tensor subclasses no backend claims; never cast")
+SLOW_PRECISION = warning_code("slow-precision",
+                              "layers will compute in a half precision this device computes slowly")
+SLOW_HEAD_PRECISION = warning_code("slow-head-precision",
+                                   "the LM head will compute in a half precision this device computes slowly")
 NO_PARAMETERS = error_code("no-parameters", "the model has no parameters to prepare or train")
 META_DEVICE = error_code("meta-device", "parameters are on the meta device: the weights were never loaded")
 
@@ -348,6 +353,45 @@ def _model_warnings(model: nn.Module, owned: _Owned, detection: Detection, upcas
     return found + detection.behaviour.diagnostics(model, owned, upcast=upcast, casts=len(casts))
 
 
+def _slow_precision_warnings(model: nn.Module, owned: _Owned, casts: tuple[Cast, ...]) -> list[Diagnostic]:
+    """Layers left (or computing) in a half precision that their device runs many times slower than fp32."""
+    cast_names = {cast.name for cast in casts}
+    cast_ids = {id(param) for name, param, _ in owned if name in cast_names}
+    slow = slow_layers(model, lambda param: TARGET_DTYPE if id(param) in cast_ids else param.dtype)
+    if not slow:
+        return []
+    getter = getattr(model, "get_output_embeddings", None)
+    head = getter() if callable(getter) else None
+    head_names = {name for name, module in model.named_modules() if head is not None and module is head}
+    found = []
+    heads = [layer for layer in slow if layer.name in head_names]
+    others = [layer for layer in slow if layer.name not in head_names]
+    if heads:
+        found.append(SLOW_HEAD_PRECISION(_slow_message(heads, f"the LM head {heads[0].name}") + (
+            " Fix: prepare with upcast='all' to keep it in float32 "
+            f"(+{sum(layer.numel for layer in heads) * 2:,} bytes), or compute the loss with "
+            "kbitprep.causal_lm_loss, which upcasts the head a piece at a time on such a device "
+            "(kbitprep finetune does).")))
+    if others:
+        quantized = [layer for layer in others if layer.quantized]
+        plain = sum(layer.numel for layer in others if not layer.quantized) * 2
+        fixes = ([f"prepare with upcast='all' to keep the unquantized ones in float32 (+{plain:,} bytes)"]
+                 if plain else []) + (["load with BitsAndBytesConfig(bnb_4bit_compute_dtype=torch.float32) so the "
+                                        "4-bit layers compute in float32 (kbitprep finetune: --compute-dtype auto "
+                                        "picks it)"] if quantized else [])
+        subject = f"{len(others)} layer(s) (first: {others[0].name})"
+        found.append(SLOW_PRECISION(_slow_message(others, subject) + " Fix: " + "; and ".join(fixes) + "."))
+    return found
+
+
+def _slow_message(layers: list[SlowLayer], what: str) -> str:
+    dtype = str(layers[0].dtype).removeprefix("torch.")
+    source = device_precision(layers[0].device).source
+    return (f"{what} will compute in {dtype} on {layers[0].device.type}, which computes "
+            f"{dtype} slowly ({source}): a {dtype} matmul there can take 5-170x the float32 time, forward and "
+            "backward.")
+
+
 def _model_errors(model: nn.Module, owned: _Owned) -> list[Diagnostic]:
     found: list[Diagnostic] = []
     meta = [name for name, param, _ in owned if param.device.type == "meta"]
@@ -409,7 +453,8 @@ def plan_preparation(
     )
     keep = _is_peft_model(model)
     trainable = [name for name, param, _ in owned if param.requires_grad]
-    diagnostics = [*_model_warnings(model, owned, detection, upcast, casts), *checkpointing.warnings,
+    diagnostics = [*_model_warnings(model, owned, detection, upcast, casts),
+                   *_slow_precision_warnings(model, owned, casts), *checkpointing.warnings,
                    *_model_errors(model, owned), *checkpointing.errors]
 
     return PreparationPlan(

@@ -30,14 +30,17 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 
 import torch
+from torch import nn
 
 __all__ = [
     "HALF_PRECISIONS",
     "DevicePrecision",
+    "SlowLayer",
     "compute_dtype_for",
     "computes_fast",
     "device_precision",
     "override_fast_dtypes",
+    "slow_layers",
 ]
 
 HALF_PRECISIONS: tuple[torch.dtype, ...] = (torch.bfloat16, torch.float16)
@@ -197,3 +200,54 @@ def override_fast_dtypes(device_type: str, fast: set[torch.dtype] | frozenset[to
             _overrides.pop(device_type, None)
         else:
             _overrides[device_type] = previous
+
+
+@dataclasses.dataclass(frozen=True)
+class SlowLayer:
+    """A layer whose matmul will run in a precision its device computes slowly.
+
+    Args:
+        name (str): the module's name in the model.
+        dtype (torch.dtype): the precision it computes in.
+        device (torch.device): where it computes.
+        numel (int): values of its weight (what upcasting it to float32 doubles).
+        quantized (bool): a quantized layer, whose compute dtype (not its storage) is the slow one.
+    """
+
+    name: str
+    dtype: torch.dtype
+    device: torch.device
+    numel: int
+    quantized: bool
+
+
+def slow_layers(model: nn.Module, stored: Callable[[torch.Tensor], torch.dtype]) -> list[SlowLayer]:
+    """The linear layers of `model` that would compute in a precision their device computes slowly.
+
+    A plain linear layer (torch's `nn.Linear`, transformers' `Conv1D`) computes in its weight's
+    dtype, `stored(weight)` (the dtype after a planned cast); a quantized one with a
+    `compute_dtype` (bitsandbytes 4-bit) in that. Embedding lookups are not matmuls and are
+    not listed; neither is anything on the meta device.
+
+    Args:
+        model (nn.Module): the model.
+        stored (Callable[[torch.Tensor], torch.dtype]): the dtype a parameter will have.
+
+    Returns:
+        list[SlowLayer]: in `named_modules` order.
+    """
+    found = []
+    for name, module in model.named_modules():
+        weight = getattr(module, "weight", None)
+        if not isinstance(weight, torch.Tensor) or weight.device.type == "meta" or weight.dim() != 2:
+            continue
+        compute = getattr(module, "compute_dtype", None)
+        if isinstance(compute, torch.dtype):
+            dtype, quantized = compute, True
+        elif isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D":
+            dtype, quantized = stored(weight), False
+        else:
+            continue
+        if dtype in HALF_PRECISIONS and not computes_fast(dtype, weight.device):
+            found.append(SlowLayer(name, dtype, weight.device, weight.numel(), quantized))
+    return found

@@ -59,7 +59,6 @@ def demo_settings(output: str | os.PathLike[str], *, max_steps: int = DEMO_STEPS
         data=str(DEMO_DATA),
         output=str(output),
         quantize="nf4",
-        upcast="all",
         lora_r=8,
         lora_alpha=16,
         lora_dropout=0.0,

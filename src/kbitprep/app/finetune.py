@@ -23,6 +23,7 @@ every step as a TrainerCallback in `FinetuneRun.callbacks`; a figure for the rep
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import shutil
 import time
 import warnings
@@ -31,11 +32,24 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..device import has_accelerator
-from .data import IGNORE_INDEX, CausalLMCollator, Row, TokenizedData, read_jsonl, tokenize_rows
+from .data import (
+    IGNORE_INDEX,
+    CausalLMCollator,
+    Row,
+    TokenizedData,
+    read_jsonl,
+    tokenize_rows,
+)
 from .distributed import barrier, start_processes
 from .evaluation import eval_history
 from .live_bytes import PeakMeter
-from .loading import check_model_folder, compute_dtype, error_summary, load_quantized_model, load_tokenizer
+from .loading import (
+    check_model_folder,
+    error_summary,
+    load_quantized_model,
+    load_tokenizer,
+    resolve_compute_dtype,
+)
 from .lora import attach_lora, linear_layer_names
 from .observer import FinetuneObserver
 from .outputs import ADAPTER_DIR, LOSS_PLOT, REPORT, RunFolder, atomic_directory, atomic_write_bytes, checkpoint_step
@@ -51,6 +65,7 @@ if TYPE_CHECKING:
     from transformers import TrainerCallback, TrainingArguments
 
     from ..plan import PreparationPlan
+    from .loss import LossPlan
 
 __all__ = [
     "FinetuneError",
@@ -151,6 +166,20 @@ def run_pipeline(
     return FinetuneRun(settings, rows, observer, setup=setup, eval_rows=eval_rows).run()
 
 
+def measured_peak(device: torch.device) -> dict[str, Any]:
+    """The run's peak memory so far: CUDA's allocator peak on a GPU, else the process's peak RSS (VmHWM)."""
+    import torch
+
+    if device.type == "cuda":
+        return {"bytes": int(torch.cuda.max_memory_allocated(device)), "by": "torch.cuda.max_memory_allocated"}
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            kib = next(int(line.split()[1]) for line in status if line.startswith("VmHWM:"))
+    except (OSError, StopIteration):
+        return {"bytes": None, "by": "unavailable (no /proc/self/status)"}
+    return {"bytes": kib * 1024, "by": "VmHWM (the process's peak resident memory, loading included)"}
+
+
 class FinetuneRun:
     """One fine-tuning run, phase by phase; `run()` calls the phases in order.
 
@@ -183,6 +212,8 @@ class FinetuneRun:
     history: list[dict[str, float]]
     memory: dict[str, Any]  # predicted and measured peak
     evaluations: list[dict[str, float]]
+    loss_plan: LossPlan
+    peak: dict[str, Any]
 
     def __init__(self, settings: FinetuneSettings, rows: Sequence[Row], observer: FinetuneObserver | None = None,
                  *, setup: Callable[[Path], object] | None = None, eval_rows: Sequence[Row] = ()) -> None:
@@ -310,7 +341,8 @@ class FinetuneRun:
         self.eval_data = tokenize_rows(self.eval_rows, self.tokenizer, self.settings.seq_len, source=source) \
             if self.eval_rows else None
         device_index = self.args.local_process_index if has_accelerator() else None
-        self.model = load_quantized_model(self.settings.model, self.settings.quantize, device_index=device_index)
+        self.model = load_quantized_model(self.settings.model, self.settings.quantize, device_index=device_index,
+                                          compute=self.settings.compute_dtype)
 
     def resume_point(self) -> Path | None:
         """The newest complete checkpoint, once checkpoints cut short while saving are removed."""
@@ -337,9 +369,12 @@ class FinetuneRun:
         """Plan the preparation (the observer sees the plan) and apply it."""
         from ..apply import apply_plan
         from ..errors import NotQuantizedWarning
-        from ..plan import plan_preparation
+        from ..plan import SLOW_HEAD_PRECISION, plan_preparation
 
         self.plan = plan_preparation(self.model, upcast=self.settings.upcast)
+        if self.settings.loss == "chunked":  # the chunked loss computes the head in the device's fast precision
+            self.plan = dataclasses.replace(self.plan, diagnostics=tuple(
+                d for d in self.plan.diagnostics if d.code != SLOW_HEAD_PRECISION.code))
         self.observer.on_plan(self.plan)
         with warnings.catch_warnings():
             if self.settings.quantize == "none":  # asked for explicitly; the plan already says so
@@ -361,13 +396,13 @@ class FinetuneRun:
     def measure_before(self) -> None:
         """The first batch's loss and the sample completions before training."""
         self.batch = first_batch(self.data, self.settings.batch_size, pad_token_id(self.tokenizer))
-        self.loss_before = batch_loss(self.model, self.batch)
+        self.loss_before = batch_loss(self.model, self.batch, self.settings.loss)
         self.samples = [{"prompt": prompt} for prompt in self.settings.samples] if self.main else []
         self.complete_samples("before")
 
     def measure_after(self) -> None:
         """The same batch's loss and the sample completions after training."""
-        self.loss_after = batch_loss(self.model, self.batch)
+        self.loss_after = batch_loss(self.model, self.batch, self.settings.loss)
         self.complete_samples("after")
 
     def complete_samples(self, stage: str) -> None:
@@ -378,14 +413,19 @@ class FinetuneRun:
 
     def train(self) -> None:
         """Train with the Trainer, from the resume checkpoint if there is one."""
+        from .loss import plan_loss
         from .trainer import FinetuneTrainer
 
+        self.loss_plan = plan_loss(self.model, self.settings.loss)
+        if self.loss_plan.reason:
+            self.observer.on_message(f"--loss chunked: using the full loss instead, as {self.loss_plan.reason}")
         trainer = FinetuneTrainer(model=self.model, args=self.args, train_dataset=self.train_data,
                                   data_collator=CausalLMCollator(pad_token_id(self.tokenizer)),
-                                  callbacks=self.callbacks())
+                                  callbacks=self.callbacks(), loss_mode=self.settings.loss)
         trainer.train(resume_from_checkpoint=str(self.resume_from) if self.resume_from is not None else None)
         self.history = loss_history(trainer.state.log_history)
         self.evaluations = eval_history(trainer.state.log_history)
+        self.peak = measured_peak(self.device)
 
     def callbacks(self) -> list[TrainerCallback]:
         """The Trainer callbacks of the run: the place for anything to do after each step or save."""
@@ -406,8 +446,9 @@ class FinetuneRun:
             settings=self.settings.to_dict(),
             plan=self.plan.to_dict(),
             model={"architecture": (getattr(config, "architectures", None) or ["?"])[0],
-                   "compute_dtype": str(compute_dtype(check_model_folder(self.settings.model))).removeprefix("torch."),
+                   "compute_dtype": self.compute_dtype_name(),
                    "trainable_parameters": self.trainable, "total_parameters": self.total},
+            loss={**self.loss_plan.to_dict(), "measured_peak": self.peak},
             data=self.data_summary(),
             loss_history=self.history,
             eval_history=self.evaluations,
@@ -422,6 +463,12 @@ class FinetuneRun:
                    "loss_plot": str(self.folder.path / LOSS_PLOT)},
             memory=self.memory,
         )
+
+    def compute_dtype_name(self) -> str:
+        """The dtype the quantized layers compute in (`--compute-dtype`, "auto" resolved)."""
+        config = check_model_folder(self.settings.model)
+        device = self.device if self.device.type == "cuda" else "cpu"
+        return str(resolve_compute_dtype(config, self.settings.compute_dtype, device)).removeprefix("torch.")
 
     def data_summary(self) -> dict[str, Any]:
         """Rows read, examples kept, rows cut or skipped, and the tokens trained on per epoch."""

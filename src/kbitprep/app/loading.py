@@ -30,6 +30,7 @@ __all__ = [
     "has_weights",
     "load_quantized_model",
     "load_tokenizer",
+    "resolve_compute_dtype",
 ]
 
 WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin", "model*.bin")
@@ -96,6 +97,31 @@ def compute_dtype(config: dict[str, Any], device: str | None = None) -> torch.dt
     return dtype
 
 
+def resolve_compute_dtype(config: dict[str, Any], choice: str = "auto",
+                          device: torch.device | str | None = None) -> torch.dtype:
+    """`--compute-dtype`: a named dtype as it is; "auto", the model's dtype where `device` computes it fast.
+
+    The rule is `kbitprep.precision.compute_dtype_for`: a bf16 model computes in bf16 on a
+    CPU with AVX512 or an Ampere GPU, and in float32 on an AVX2-only CPU, where bf16 is many
+    times slower.
+
+    Args:
+        config (dict): the model's config.json.
+        choice (str): "auto", "bfloat16", "float16" or "float32". Default: "auto"
+        device (torch.device | str | None): where the model computes; None: CUDA if there is one, else the CPU.
+            Default: None
+    """
+    import torch
+
+    from ..precision import compute_dtype_for
+
+    if choice != "auto":
+        return getattr(torch, choice)
+    named = getattr(torch, str(config.get("dtype") or config.get("torch_dtype") or "float32"), None)
+    dtype = named if isinstance(named, torch.dtype) and named.is_floating_point else torch.float32
+    return compute_dtype_for(dtype, device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
 def load_tokenizer(model_dir: str | os.PathLike[str]):
     """The tokenizer saved in a model folder (local files only, no remote code)."""
     from transformers import AutoTokenizer
@@ -112,8 +138,11 @@ def load_tokenizer(model_dir: str | os.PathLike[str]):
 
 
 def load_quantized_model(model_dir: str | os.PathLike[str], quantize: str, *,
-                         device_index: int | None = None) -> nn.Module:
+                         device_index: int | None = None, compute: str = "auto") -> nn.Module:
     """A causal LM from a local folder, loaded as `quantize` says ("nf4", "fp4", "int8", "none").
+
+    4-bit layers compute in `resolve_compute_dtype(config, compute)`; a model that is not
+    quantized is loaded in that dtype, since all of it computes in the dtype it is stored in.
 
     Quantized layers are switched to their training layout at once (see
     `kbitprep.apply.keep_training_layout`: bitsandbytes' CPU inference repacking is switched off).
@@ -126,9 +155,11 @@ def load_quantized_model(model_dir: str | os.PathLike[str], quantize: str, *,
     from ..sizing import bnb_config_for
 
     config = check_model_folder(model_dir)
-    dtype = compute_dtype(config)
+    device = f"cuda:{device_index}" if device_index is not None else "cpu"
+    computes_in = resolve_compute_dtype(config, compute, device)
+    dtype = computes_in if quantize == "none" else compute_dtype(config)
     kwargs: dict[str, Any] = {"dtype": dtype, "local_files_only": True, "trust_remote_code": False}
-    quantization_config = bnb_config_for(quantize, compute_dtype=dtype)
+    quantization_config = bnb_config_for(quantize, compute_dtype=computes_in)
     if quantization_config is not None:
         kwargs["quantization_config"] = quantization_config
     if device_index is not None:

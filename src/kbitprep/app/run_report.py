@@ -26,6 +26,8 @@ class FinetuneReport:
         settings (dict): the run's settings.
         plan (dict): kbitprep's preparation plan (`PreparationPlan.to_dict()`).
         model (dict): architecture, compute dtype, parameter counts.
+        loss (dict): how the loss was computed (`LossPlan.to_dict()`: "chunked" or "full", and the
+            reason when the chunked loss could not be used) and the measured peak memory.
         data (dict): rows read, examples kept, rows truncated or dropped.
         loss_history (list[dict]): one entry per optimizer step: step, loss, learning_rate.
         batch_loss_before (float): loss on the first batch (file order) before training.
@@ -47,6 +49,7 @@ class FinetuneReport:
     settings: dict[str, Any]
     plan: dict[str, Any]
     model: dict[str, Any]
+    loss: dict[str, Any]
     data: dict[str, Any]
     loss_history: list[dict[str, float]]
     batch_loss_before: float

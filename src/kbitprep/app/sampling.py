@@ -17,16 +17,27 @@ def first_batch(data: TokenizedData, batch_size: int, pad_token_id: int) -> dict
     return CausalLMCollator(pad_token_id)(data.examples[:batch_size])
 
 
-def batch_loss(model: nn.Module, batch: dict[str, Any]) -> float:
-    """The model's loss on one batch in evaluation mode, without gradients."""
+def batch_loss(model: nn.Module, batch: dict[str, Any], loss: str = "full") -> float:
+    """The model's loss on one batch in evaluation mode, without gradients.
+
+    Args:
+        model (nn.Module): the model.
+        batch (dict): input_ids, attention_mask, labels.
+        loss (str): "chunked" or "full" (see `kbitprep.app.loss.causal_lm_loss`); the values agree. Default: "full"
+    """
     import torch
+
+    from .loss import causal_lm_loss
 
     device = next(p.device for p in model.parameters())
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
-            return float(model(**{key: value.to(device) for key, value in batch.items()}).loss)
+            on_device = {key: value.to(device) for key, value in batch.items()}
+            value = causal_lm_loss(model, on_device, loss=loss)
+            assert isinstance(value, torch.Tensor)  # without return_outputs, the loss alone
+            return float(value)
     finally:
         model.train(was_training)
 

@@ -29,8 +29,12 @@ from typing import Any
 from ..errors import KbitPrepError
 from ..plan import UPCAST_POLICIES
 from ..sizing import QUANTIZE_CHOICES
+from .loss import LOSS_CHOICES
+
+COMPUTE_DTYPE_CHOICES = ("auto", "bfloat16", "float16", "float32")
 
 __all__ = [
+    "COMPUTE_DTYPE_CHOICES",
     "FRACTION",
     "OPEN_FRACTION",
     "POSITIVE",
@@ -140,8 +144,12 @@ class FinetuneSettings:
     data: str = setting(help="JSONL training data", positional=True, metavar="DATA", path=True, resume=True)
     output: str = setting(help="run folder for adapter, report, plot, checkpoints", metavar="DIR", path=True)
     quantize: str = setting("nf4", help="weight format", choices=QUANTIZE_CHOICES, group=_MODEL, resume=True)
-    upcast: str = setting("all", help="which half-precision weights go to float32", choices=UPCAST_POLICIES,
-                          group=_MODEL, resume=True)
+    upcast: str = setting("norms", help="which half-precision weights go to float32 (the Python function's "
+                          "default stays 'all')", choices=UPCAST_POLICIES, group=_MODEL, resume=True)
+    compute_dtype: str = setting("auto", help="the dtype 4-bit layers compute in (with --quantize none, the "
+                                 "dtype the model loads in)", choices=COMPUTE_DTYPE_CHOICES, group=_MODEL,
+                                 resume=True, default_text="auto: the model's dtype where this device computes it "
+                                 "fast, else float32")
     lora_r: int = setting(16, help="LoRA rank", bound=at_least(1), metavar="R", group=_MODEL, resume=True)
     lora_alpha: float = setting(32.0, help="LoRA alpha; the update is scaled by alpha / r", bound=POSITIVE,
                                 metavar="A", group=_MODEL, resume=True)
@@ -163,6 +171,9 @@ class FinetuneSettings:
     seq_len: int = setting(512, help="longest sequence in tokens; longer rows are cut", bound=at_least(2),
                            metavar="N", group=_TRAINING, resume=True)
     seed: int = setting(0, help="seed for LoRA init, dropout and data order", group=_TRAINING, resume=True)
+    loss: str = setting("chunked", help="'chunked' computes the LM head and cross-entropy in chunks and never "
+                        "holds the full logits; 'full' is transformers' own loss", choices=LOSS_CHOICES,
+                        group=_TRAINING)
     save_steps: int = setting(50, help="save a checkpoint every N steps", bound=at_least(1), metavar="N",
                               group=_TRAINING)
     resume: bool = setting(False, help="continue the unfinished run in the output folder from its last "

@@ -13,6 +13,7 @@ from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArgu
 
 from ..device import has_accelerator
 from .distributed import barrier
+from .loss import ChunkedLossMixin
 from .observer import FinetuneObserver
 from .outputs import RunFolder
 from .settings import FinetuneSettings
@@ -48,12 +49,13 @@ def training_arguments(settings: FinetuneSettings, output_dir: Path) -> Training
     )
 
 
-class FinetuneTrainer(Trainer):
-    """The Trainer of a fine-tuning run: where a change to how a step computes its loss goes
-    (override `compute_loss`). Progress goes to the run's observer, not to stdout."""
+class FinetuneTrainer(ChunkedLossMixin, Trainer):
+    """The Trainer of a fine-tuning run: its loss is `kbitprep.causal_lm_loss` (`loss_mode`: "chunked"
+    or "full", the run's `--loss`). Progress goes to the run's observer, not to stdout."""
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, loss_mode: str = "chunked", **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        self.loss_mode = loss_mode
         self.remove_callback(PrinterCallback)  # it prints every log dict; the observer shows progress instead
 
 
