@@ -33,6 +33,7 @@ __all__ = [
     "has_weights",
     "load_quantized_model",
     "load_tokenizer",
+    "model_fingerprint",
 ]
 
 WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin", "model*.bin")
@@ -138,6 +139,25 @@ def check_weight_shapes(model_dir: str | os.PathLike[str]) -> None:
                         f"{file}: {name} has shape {list(shape)} but config.json gives it {list(expected[name])}: "
                         "the config and the weights come from different models (or sizes); put the config.json "
                         "that was saved with these weights beside them")
+
+
+def model_fingerprint(model_dir: str | os.PathLike[str]) -> str:
+    """A hash of a model folder's config, tokenizer files, and weight files' names and sizes.
+
+    Cheap for any model size (weights are not read): what a resumed run compares to
+    notice that the folder now holds another model.
+    """
+    import hashlib
+
+    folder = Path(model_dir)
+    digest = hashlib.sha256()
+    for name in ("config.json", *TOKENIZER_FILES, "tokenizer_config.json"):
+        if (folder / name).is_file():
+            digest.update(name.encode() + b"\0" + (folder / name).read_bytes())
+    for pattern in WEIGHT_PATTERNS:
+        for file in sorted(folder.glob(pattern)):
+            digest.update(f"{file.name}\0{file.stat().st_size}\0".encode())
+    return digest.hexdigest()
 
 
 def has_weights(folder: str | os.PathLike[str]) -> bool:

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import errno
 import hashlib
 import json
 import os
@@ -67,6 +68,8 @@ __all__ = [
     "atomic_write_bytes",
     "atomic_write_json",
     "checkpoint_step",
+    "describe_owner",
+    "explain_write_failure",
     "file_fingerprint",
 ]
 
@@ -593,6 +596,50 @@ class RunFolder:
         (self.path / INCOMPLETE).unlink(missing_ok=True)
         shutil.rmtree(self.checkpoints_dir, ignore_errors=True)
         self.remove_leftovers()
+
+
+_DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+_DISK_FULL_WORDS = ("No space left on device", "Disk quota exceeded", "os error 28", "os error 122")
+_WRITE_FAILED_WORDS = ("file write failed", "inline_container")  # torch's zip writer, which names no cause
+_NEARLY_FULL_BYTES = 1 << 20
+
+
+def _disk_full(error: BaseException, path: Path) -> bool:
+    """Whether `error` means the disk holding `path` is full.
+
+    Python, safetensors and torch each report a full disk differently: an OSError with
+    ENOSPC, a SafetensorError quoting "os error 28", and a RuntimeError from torch's zip
+    writer that only says a write failed; that last one counts when the disk has
+    (almost) no room left.
+    """
+    chain: list[BaseException] = []
+    while error is not None and error not in chain:
+        chain.append(error)
+        error = error.__cause__ or error.__context__
+    if any(getattr(e, "errno", None) in _DISK_FULL_ERRNOS for e in chain):
+        return True
+    text = " ".join(str(e) for e in chain)
+    if any(word in text for word in _DISK_FULL_WORDS):
+        return True
+    if not any(word in text for word in _WRITE_FAILED_WORDS):
+        return False
+    existing = next((p for p in (path, *path.parents) if p.exists()), Path("/"))
+    stats = os.statvfs(existing)
+    return stats.f_bavail * stats.f_frsize < _NEARLY_FULL_BYTES
+
+
+def explain_write_failure(error: BaseException, folder: RunFolder) -> BaseException:
+    """`error` itself, or, when it means the disk is full, a `RunFolderError` saying so and what to do.
+
+    Call it after `RunFolder.abandon`, so the checkpoint it names is the one a resume continues from.
+    """
+    if isinstance(error, KbitPrepError) or not isinstance(error, Exception) or not _disk_full(error, folder.path):
+        return error
+    latest = folder.latest_checkpoint()
+    resume = (f"then `--resume` continues from {latest.name}" if latest is not None
+              else "then run again (no checkpoint was complete yet)")
+    return RunFolderError(f"{folder.path}: the disk is full (no space left while writing the run's files); "
+                          f"free some space on it, or choose an --output on another disk; {resume}")
 
 
 def _remove(path: Path) -> None:
