@@ -132,6 +132,8 @@ def driver(space: Path):
             for name, (kind, match) in KILLS.items()]
     jobs.append({"name": "disk-full", "argv": finetune_argv(space, space / "disk-full"), "fault": "disk-full",
                  "kind": "safetensors", "match": r"checkpoint-4/adapter_model\.safetensors$"})
+    jobs.append({"name": "demo", "argv": ["demo", "--output", str(space / "demo"), "--max-steps", "4"],
+                 "fault": "kill", "kind": "write", "match": r"tmp-report\.json"})
     jobs.append({"name": "live", "argv": finetune_argv(space, space / "live"), "fault": "pause", "kind": "write",
                  "match": r"checkpoint-2/\.kbitprep-tmp-kbitprep-complete", "pause": str(space / "live.paused")})
     running = Driver(space, jobs)
@@ -206,3 +208,21 @@ def test_two_runs_on_one_folder(space: Path, reference: Path, driver: Driver,
     assert sorted(p.name for p in run.iterdir()) == FINISHED
     got, want = adapter(run), adapter(reference)
     assert all(got[name].equal(want[name]) for name in want)
+
+
+def test_an_interrupted_demo_resumes_and_overwrites(space: Path, driver: Driver,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    """The demo's own base model lives in its run folder, recorded as kbitprep's: a resumed demo
+    keeps it, an overwriting one rebuilds it, and the message after a kill names a flag demo has."""
+    run = space / "demo"
+    assert driver.result("demo")["signal"] == signal.SIGKILL, (space / "demo.log").read_text()
+    base = digest(run / "base-model")
+    capsys.readouterr()
+    assert run_in_process(["demo", "--output", str(run), "--max-steps", "4"]) == 1
+    [line] = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+    assert "unfinished run" in line and "--resume" in line, line
+    assert run_in_process(["demo", "--output", str(run), "--max-steps", "4", "--resume"]) == 0
+    assert json.loads((run / "report.json").read_text())["steps"] == 4 and digest(run / "base-model") == base
+    assert run_in_process(["demo", "--output", str(run), "--max-steps", "4", "--overwrite"]) == 0
+    assert sorted(p.name for p in run.iterdir()) == sorted([*FINISHED, "base-model"])
+    assert digest(run / "base-model") == base  # rebuilt from the same seed
