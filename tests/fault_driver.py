@@ -85,14 +85,14 @@ def torch_save(obj, f, *args, **kwargs):
 safetensors.torch.save_file = save_file
 torch.save = torch_save
 
-import bitsandbytes  # noqa: E402,F401 - imported once, before the forks
-import matplotlib.backends.backend_agg  # noqa: E402,F401
-import peft  # noqa: E402,F401
-import transformers  # noqa: E402
-from transformers import Trainer  # noqa: E402,F401
+import bitsandbytes  # noqa: F401 - imported once, before the forks
+import matplotlib.backends.backend_agg  # noqa: F401
+import peft  # noqa: F401
+import transformers
+from transformers import Trainer  # noqa: F401
 
-import kbitprep.app.outputs as outputs  # noqa: E402
-from kbitprep.cli import main  # noqa: E402
+from kbitprep.app import outputs
+from kbitprep.cli import main
 
 ORIGINAL_WRITE_FILE = outputs._write_file
 PAUSE = ""
@@ -128,7 +128,8 @@ def run_child(job: dict, log_dir: str) -> None:
 
 
 def run(jobs_file: str) -> None:
-    spec = json.load(open(jobs_file))
+    with open(jobs_file) as handle:
+        spec = json.load(handle)
     transformers.utils.logging.disable_progress_bar()
     for job in spec["jobs"]:
         pid = os.fork()

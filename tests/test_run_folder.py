@@ -15,9 +15,20 @@ from pathlib import Path
 
 import pytest
 
-from kbitprep.app.outputs import (BASE_MODEL_DIR, INCOMPLETE, LOCK, MANIFEST, OWNER, RUN_NAMES, RunFolder,
-                                  RunFolderError, RunLockedError, atomic_directory, atomic_write_bytes,
-                                  file_fingerprint)
+from kbitprep.app.outputs import (
+    BASE_MODEL_DIR,
+    INCOMPLETE,
+    LOCK,
+    MANIFEST,
+    OWNER,
+    RUN_NAMES,
+    RunFolder,
+    RunFolderError,
+    RunLockedError,
+    atomic_directory,
+    atomic_write_bytes,
+    file_fingerprint,
+)
 from kbitprep.errors import KbitPrepError
 
 
@@ -154,7 +165,7 @@ def test_leftovers_of_a_killed_write_are_removed_by_the_next_start(tmp_path: Pat
 
 
 def test_atomic_writes_leave_no_temporary_name_when_they_fail(tmp_path: Path, monkeypatch) -> None:
-    import kbitprep.app.outputs as outputs
+    from kbitprep.app import outputs
 
     def disk_full(handle, data):
         handle.write(data[:3])
@@ -231,7 +242,8 @@ def test_a_lock_still_held_after_its_run_died_says_so(tmp_path: Path) -> None:
     """The recorded run is gone but something (a process it started) still holds the lock."""
     holder = RunFolder(tmp_path / "run")
     with holder.locked():
-        dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+        dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
+                              check=True)
         record = json.loads((holder.path / OWNER).read_text())
         (holder.path / OWNER).write_text(json.dumps({**record, "pid": int(dead.stdout)}))
         with pytest.raises(RunLockedError, match=r"has ended, but a process it started still holds"):

@@ -151,7 +151,7 @@ def _open_data(path: str) -> Any:
     if os.path.isdir(path):
         raise DataError(f"{path}: is a folder; pass a .jsonl file with one JSON object per line")
     try:
-        handle = open(path, "rb")
+        handle = open(path, "rb")  # noqa: SIM115 - returned open, closed by the caller's `with`
     except FileNotFoundError:
         raise DataError(f"{path}: no such data file") from None
     except OSError as error:

@@ -103,7 +103,7 @@ def check_config_values(config: dict[str, Any], config_file: str | os.PathLike[s
     try:
         AutoConfig.from_pretrained(os.path.dirname(os.fspath(config_file)) or ".", local_files_only=True,
                                    trust_remote_code=False)
-    except Exception as error:  # transformers' validation raises many types; each names the field
+    except Exception as error:  # noqa: BLE001 - transformers' validation raises many types; each names the field
         detail = " ".join(line.strip() for line in str(error).splitlines() if line.strip()) or type(error).__name__
         raise ModelFolderError(f"{config_file}: transformers cannot read this config ({detail}); fix that "
                                "value (numbers without quotes, true/false for switches)") from None
@@ -132,7 +132,7 @@ def check_weight_shapes(model_dir: str | os.PathLike[str]) -> None:
         return
     for file in files:
         with safe_open(file, framework="pt") as handle:
-            for name in handle.keys():
+            for name in handle.keys():  # noqa: SIM118 - a safetensors handle, not a dict
                 shape = tuple(handle.get_slice(name).get_shape())
                 if name in expected and expected[name] != shape:
                     raise ModelFolderError(
@@ -225,8 +225,9 @@ def load_quantized_model(model_dir: str | os.PathLike[str], quantize: str, *,
     try:
         with warnings.catch_warnings(), _held_load_report() as reports:
             warnings.simplefilter("ignore", UserWarning)  # bitsandbytes/transformers notes about CPU-only set-ups
-            model, info = AutoModelForCausalLM.from_pretrained(os.fspath(model_dir), output_loading_info=True,
+            loaded: Any = AutoModelForCausalLM.from_pretrained(os.fspath(model_dir), output_loading_info=True,
                                                                **kwargs)
+            model, info = loaded  # the model and what loading found (missing keys, ...)
     except Exception as error:  # safetensors, torch and transformers each raise their own types here
         where = f"{damaged}: damaged or truncated weight file" if damaged else f"{model_dir}: cannot load the model"
         raise ModelFolderError(f"{where} ({error_summary(error)})") from error

@@ -132,7 +132,9 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
         OSError: the file cannot be written (the temporary file is removed).
     """
     path = Path(path)
-    handle = tempfile.NamedTemporaryFile(dir=path.parent, prefix=f"{_TMP_PREFIX}{path.name}-", delete=False)
+    # Kept past the `with` (delete=False): renamed into place, or removed on failure.
+    handle = tempfile.NamedTemporaryFile(dir=path.parent, prefix=f"{_TMP_PREFIX}{path.name}-",  # noqa: SIM115
+                                         delete=False)
     try:
         with handle:
             _write_file(handle, data)
@@ -371,7 +373,8 @@ class RunFolder:
 
     def complete_checkpoints(self) -> list[Path]:
         """Checkpoint folders that were saved completely, oldest first."""
-        return sorted((p for p in self._checkpoint_dirs() if (p / CHECKPOINT_COMPLETE).is_file()), key=checkpoint_step)
+        return sorted((p for p in self._checkpoint_dirs() if (p / CHECKPOINT_COMPLETE).is_file()),
+                      key=lambda p: checkpoint_step(p) or 0)
 
     def latest_checkpoint(self) -> Path | None:
         """The newest complete checkpoint, or None."""
@@ -613,9 +616,10 @@ def _disk_full(error: BaseException, path: Path) -> bool:
     (almost) no room left.
     """
     chain: list[BaseException] = []
-    while error is not None and error not in chain:
-        chain.append(error)
-        error = error.__cause__ or error.__context__
+    link: BaseException | None = error
+    while link is not None and link not in chain:
+        chain.append(link)
+        link = link.__cause__ or link.__context__
     if any(getattr(e, "errno", None) in _DISK_FULL_ERRNOS for e in chain):
         return True
     text = " ".join(str(e) for e in chain)
