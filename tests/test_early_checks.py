@@ -36,7 +36,8 @@ def tokenizers(tmp_path: Path) -> dict:
     from kbitprep.app.demo import build_tiny_model
     from kbitprep.app.loading import load_tokenizer
 
-    return {"char-level": load_tokenizer(build_tiny_model(tmp_path / "tiny")), "wordpiece": load_tokenizer(minilm_path())}
+    return {"char-level": load_tokenizer(build_tiny_model(tmp_path / "tiny")),
+            "wordpiece": load_tokenizer(minilm_path())}
 
 
 def test_a_huge_line_is_cut_by_characters_and_keeps_the_same_tokens(tmp_path: Path) -> None:

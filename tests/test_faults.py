@@ -154,7 +154,8 @@ def test_killed_mid_write_then_resumed_equals_an_uninterrupted_run(point: str, s
         assert (run / "INCOMPLETE").is_file() and json.loads((run / "INCOMPLETE").read_text())["settings"]
 
     assert run_in_process(finetune_argv(space, run, "--resume")) == 0
-    report, expected = json.loads((run / "report.json").read_text()), json.loads((reference / "report.json").read_text())
+    report = json.loads((run / "report.json").read_text())
+    expected = json.loads((reference / "report.json").read_text())
     assert report["steps"] == 4 and [e["step"] for e in report["loss_history"]] == [1, 2, 3, 4]
     assert [e["loss"] for e in report["loss_history"]] == [e["loss"] for e in expected["loss_history"]]
     got, want = adapter(run), adapter(reference)

@@ -8,8 +8,9 @@ alone, the transformers Trainer carries on, logs the non-finite losses as 0 (its
 - asks the Trainer to log losses as they are (`logging_nan_inf_filter=False`, set in the
   training arguments), so a NaN is never shown as 0;
 - checks at every step's log, which comes before that step's checkpoint is saved, that
-  the loss, the gradient norm and the trainable weights are finite; the first non-finite value stops the run with `DivergenceError` naming the
-  step, the value and what to lower. The run folder keeps its last good checkpoint;
+  the loss, the gradient norm and the trainable weights are finite; the first
+  non-finite value stops the run with `DivergenceError` naming the step, the value and
+  what to lower. The run folder keeps its last good checkpoint;
 - refuses to write an adapter holding a non-finite tensor (`check_finite_weights`).
 
 Every process of a `torchrun` run sees the same (reduced) loss and the same weights, so
