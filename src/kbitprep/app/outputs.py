@@ -628,7 +628,10 @@ def _disk_full(error: BaseException, path: Path) -> bool:
     if not any(word in text for word in _WRITE_FAILED_WORDS):
         return False
     existing = next((p for p in (path, *path.parents) if p.exists()), Path("/"))
-    stats = os.statvfs(existing)
+    try:
+        stats = os.statvfs(existing)
+    except OSError:  # cannot tell: the original error stands
+        return False
     return stats.f_bavail * stats.f_frsize < _NEARLY_FULL_BYTES
 
 
