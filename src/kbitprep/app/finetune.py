@@ -73,7 +73,7 @@ __all__ = [
 
 # What the run read, recorded beside its settings in INCOMPLETE and checked on --resume.
 _INPUT_KEYS = (("data_sha256", "DATA's content"), ("eval_data_sha256", "--eval-data's content"),
-               ("model_fingerprint", "the model folder's files"))
+               ("chat_template_sha256", "--chat-template's content"), ("model_fingerprint", "the model folder's files"))
 
 
 def finetune(settings: FinetuneSettings, observer: FinetuneObserver | None = None) -> FinetuneReport:
@@ -332,8 +332,10 @@ class FinetuneRun:
     def inputs_record(self, *, model_made_by_run: bool) -> dict[str, str]:
         """What identifies the run's inputs: the data files' hashes and the model folder's files."""
         record = {"data_sha256": file_fingerprint(self.settings.data)}
-        if self.settings.eval_data:
-            record["eval_data_sha256"] = file_fingerprint(self.settings.eval_data)
+        for key, path in (("eval_data_sha256", self.settings.eval_data),
+                          ("chat_template_sha256", self.settings.chat_template)):
+            if path and Path(path).is_file():  # a missing one is named by the phase that reads it
+                record[key] = file_fingerprint(path)
         if not model_made_by_run:
             record["model_fingerprint"] = model_fingerprint(self.settings.model)
         return record
