@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import gzip
 import json
 import os
 import pathlib
@@ -103,7 +104,48 @@ def make_workspace(root: pathlib.Path) -> Workspace:
     write_lines(root / "mixed.jsonl", GOOD_ROWS[:2] + chat)  # a chat row on line 3
     (root / "taken").mkdir()
     (root / "taken" / "notes.txt").write_text("not a model\n", encoding="utf-8")
+    make_hostile_inputs(root, model)
     return space
+
+
+# The run-folder and early-refusal cases: what each holds is named beside it.
+HOSTILE = {"other-shape", "missing-layers", "wrong-type", "small-vocab", "cyrillic.jsonl", "good.jsonl.gz",
+           "utf16.jsonl", "absurd-layers", "demo-run", "damaged-marker", "changed-data"}
+
+
+def make_hostile_inputs(root: pathlib.Path, model: pathlib.Path) -> None:
+    import torch
+    from safetensors.torch import load_file, save_file
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = json.loads((model / "config.json").read_text())
+    shutil.copytree(model, root / "other-shape")  # config.json of a wider model than the weights
+    (root / "other-shape" / "config.json").write_text(json.dumps({**config, "intermediate_size": 128}))
+    shutil.copytree(model, root / "missing-layers")  # a shard lost: no tensor of layer 1
+    weights = load_file(model / "model.safetensors")
+    save_file({k: v for k, v in weights.items() if ".layers.1." not in k},
+              root / "missing-layers" / "model.safetensors", metadata={"format": "pt"})
+    shutil.copytree(model, root / "wrong-type")  # a number written as a string
+    (root / "wrong-type" / "config.json").write_text(json.dumps({**config, "hidden_size": "32"}))
+    shutil.copytree(model, root / "small-vocab")  # the tokenizer of a model with a larger vocabulary
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(**{**config, "vocab_size": 40})).save_pretrained(root / "small-vocab")
+    write_lines(root / "cyrillic.jsonl", [{"text": "привет мир"}, {"text": "добрый день"}])
+    (root / "good.jsonl.gz").write_bytes(gzip.compress((root / "good.jsonl").read_bytes()))
+    (root / "utf16.jsonl").write_bytes((root / "good.jsonl").read_text().encode("utf-16"))
+    (root / "absurd-layers").mkdir()
+    (root / "absurd-layers" / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 10**9}))
+    # A finished demo run: its base model is recorded as kbitprep's own file.
+    demo = root / "demo-run"
+    shutil.copytree(model, demo / "base-model")
+    (demo / "report.json").write_text('{"status": "finished"}\n')
+    (demo / ".kbitprep-manifest.json").write_text(json.dumps(
+        {"format": 1, "written": ["INCOMPLETE", "adapter", "base-model", "checkpoints", "loss.png", "report.json"]}))
+    for name, marker in (("damaged-marker", '{"status": "incomplete", "sett'),
+                         ("changed-data", json.dumps({"status": "incomplete", "settings": {"data_sha256": "0" * 64}}))):
+        (root / name).mkdir()
+        (root / name / "INCOMPLETE").write_text(marker)
+        (root / name / ".kbitprep-manifest.json").write_text(json.dumps({"format": 1, "written": ["INCOMPLETE"]}))
 
 
 def read_only_parent(root: pathlib.Path) -> pathlib.Path:
@@ -207,6 +249,59 @@ CASES = [
             lambda ws: finetune(ws.model, ws.data, ws / "out-eval-kind", "--eval-data", str(ws / "chat.jsonl")),
             lambda ws: (f"{ws / 'chat.jsonl'}:1", '--eval-data holds "messages" rows but DATA holds "text" rows'),
             lambda ws: ws / "out-eval-kind"),
+    CliCase("weights-of-another-shape",
+            lambda ws: finetune(ws / "other-shape", ws.data, ws / "out-other-shape"),
+            lambda ws: (str(ws / "other-shape" / "model.safetensors"), "has shape", "config.json gives it",
+                        "different models"),
+            lambda ws: ws / "out-other-shape"),
+    CliCase("weights-missing-layers",
+            lambda ws: finetune(ws / "missing-layers", ws.data, ws / "out-missing-layers"),
+            lambda ws: (str(ws / "missing-layers"), "lack 9 tensor(s)", "model.layers.1.", "save or download"),
+            lambda ws: ws / "out-missing-layers"),
+    CliCase("config-value-of-wrong-type",
+            lambda ws: finetune(ws / "wrong-type", ws.data, ws / "out-wrong-type"),
+            lambda ws: (str(ws / "wrong-type" / "config.json"), "hidden_size", "fix that value"),
+            lambda ws: ws / "out-wrong-type"),
+    CliCase("tokenizer-larger-than-vocabulary",
+            lambda ws: finetune(ws / "small-vocab", ws.data, ws / "out-small-vocab"),
+            lambda ws: (str(ws / "small-vocab"), "token id", "vocabulary has 40 entries", "another model"),
+            lambda ws: ws / "out-small-vocab"),
+    CliCase("text-all-unknown-tokens",
+            lambda ws: finetune(ws.model, ws / "cyrillic.jsonl", ws / "out-cyrillic"),
+            lambda ws: (str(ws / "cyrillic.jsonl"), "unknown token '<unk>'", "tokenizer covers the text"),
+            lambda ws: ws / "out-cyrillic"),
+    CliCase("compressed-data-file",
+            lambda ws: finetune(ws.model, ws / "good.jsonl.gz", ws / "out-gz"),
+            lambda ws: (str(ws / "good.jsonl.gz"), "gzip-compressed", "gunzip"),
+            lambda ws: ws / "out-gz"),
+    CliCase("utf16-data-file",
+            lambda ws: finetune(ws.model, ws / "utf16.jsonl", ws / "out-utf16"),
+            lambda ws: (str(ws / "utf16.jsonl"), "UTF-16", "save the file as UTF-8"),
+            lambda ws: ws / "out-utf16"),
+    CliCase("inspect-absurd-layer-count",
+            lambda ws: ["inspect", str(ws / "absurd-layers")],
+            lambda ws: (str(ws / "absurd-layers" / "config.json"), "num_hidden_layers", "1000000000",
+                        "fix that value")),
+    CliCase("overwrite-users-own-adapter",
+            lambda ws: finetune(ws.model, ws.data, ws / "finished-run", "--overwrite"),
+            lambda ws: (str(ws / "finished-run"), "would replace adapter, report.json", "kbitprep did not write"),
+            lambda ws: ws / "finished-run"),
+    CliCase("overwrite-would-delete-the-model",
+            lambda ws: finetune(ws / "demo-run" / "base-model", ws.data, ws / "demo-run", "--overwrite"),
+            lambda ws: (str(ws / "demo-run" / "base-model"), "which this run reads", "--overwrite would delete it"),
+            lambda ws: ws / "demo-run"),
+    CliCase("damaged-incomplete-marker",
+            lambda ws: finetune(ws.model, ws.data, ws / "damaged-marker", "--resume"),
+            lambda ws: (str(ws / "damaged-marker" / "INCOMPLETE"), "damaged", "--overwrite"),
+            lambda ws: ws / "damaged-marker"),
+    CliCase("resume-after-data-changed",
+            lambda ws: finetune(ws.model, ws.data, ws / "changed-data", "--resume"),
+            lambda ws: (str(ws / "changed-data"), "DATA's content changed", "--overwrite"),
+            lambda ws: ws / "changed-data"),
+    CliCase("diverging-run",
+            lambda ws: finetune(ws.model, ws.data, ws / "out-diverge", "--lr", "1e30", "--max-steps", "3"),
+            lambda ws: ("training diverged at step 2", "nan", "lower --lr (now 1e+30) or --lora-alpha"),
+            lambda ws: ws / "out-diverge"),
     CliCase("unknown-quantize-value",
             lambda ws: finetune(ws.model, ws.data, ws / "out-nf5", "--quantize", "nf5"),
             lambda ws: ("--quantize", "nf5", "nf4"),
@@ -269,5 +364,5 @@ def test_failed_runs_leave_nothing_behind(workspace: Workspace, outcomes: dict[s
     """No output folder, staging folder or temporary file from any of the failed runs."""
     made = {"model", "good.jsonl", "no-config", "config-only", "truncated", "bad-line.jsonl",
             "empty.jsonl", "latin1.jsonl", "long-prompts.jsonl", "finished-run", "locked",
-            "unfinished-run", "merge-ready-run", "taken", "chat.jsonl", "mixed.jsonl"}
+            "unfinished-run", "merge-ready-run", "taken", "chat.jsonl", "mixed.jsonl", *HOSTILE}
     assert {entry.name for entry in workspace.root.iterdir()} <= made

@@ -130,7 +130,8 @@ def test_demo_learns_and_writes_its_outputs(workdir: Path) -> None:
     assert set(report["versions"]) >= {"torch", "transformers", "peft", "bitsandbytes", "kbitprep"}
     assert {"load_s", "train_s", "total_s"} <= set(report["timings"])
     assert [s["prompt"] for s in report["samples"]] == ["klm", "3456"]
-    assert sorted(p.name for p in run.iterdir()) == ["adapter", "base-model", "loss.png", "report.json"]
+    assert sorted(p.name for p in run.iterdir()) == [".kbitprep-manifest.json", "adapter", "base-model", "loss.png",
+                                                     "report.json"]
     assert {"adapter_model.safetensors", "adapter_config.json"} <= {p.name for p in (run / "adapter").iterdir()}
     assert (run / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -370,9 +371,29 @@ def test_torchrun_two_processes_write_one_adapter(workdir: Path, tiny_model: Pat
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     report = report_of(run)
     assert report["world_size"] == 2 and report["steps"] == 8
-    assert sorted(p.name for p in run.iterdir()) == ["adapter", "loss.png", "report.json"]
+    assert sorted(p.name for p in run.iterdir()) == [".kbitprep-manifest.json", "adapter", "loss.png", "report.json"]
     assert len(list(run.rglob("adapter_model.safetensors"))) == 1
     assert result.stdout.count("fine-tuning finished") == 1  # only the main process reports
+
+
+@pytest.mark.slow
+def test_torchrun_on_a_live_folder_fails_at_once_on_every_process(workdir: Path, tiny_model: Path,
+                                                                  prompt_data: Path) -> None:
+    """The main process takes the lock and answers for all: both processes stop, one error line names the live run."""
+    from kbitprep.app.outputs import RunFolder
+
+    live = RunFolder(workdir / "ddp-live")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               *(COMMAND if COMMAND[0] != sys.executable else ["-m", "kbitprep"]),
+               "finetune", str(tiny_model), str(prompt_data), "--output", str(live.path), "--max-steps", "2", *FAST]
+    with live.locked():
+        before = sorted(p.name for p in live.path.iterdir())
+        result = subprocess.run(command, capture_output=True, text=True, env=ENV, timeout=180, check=False)
+        assert sorted(p.name for p in live.path.iterdir()) == before
+    assert result.returncode != 0
+    lines = [line for line in result.stderr.splitlines() if line.startswith("kbitprep: error")]
+    assert len(lines) == 1 and f"another kbitprep run is live in this folder (pid {os.getpid()} on" in lines[0], \
+        result.stderr[-3000:]
 
 
 def test_debug_shows_the_traceback_instead_of_one_line(workdir: Path, text_data: Path) -> None:

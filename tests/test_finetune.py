@@ -95,7 +95,8 @@ def test_run_folder_states_and_claims(tmp_path: Path) -> None:
             run.check_claim(overwrite=False, resume=resume)
     (run.path / "notes.txt").write_text("mine")
     run.start(overwrite=True, settings={})
-    assert sorted(p.name for p in run.path.iterdir()) == ["INCOMPLETE", "notes.txt"]  # only kbitprep's files go
+    # only kbitprep's files go (its manifest stays: it records what the new run writes)
+    assert sorted(p.name for p in run.path.iterdir()) == [".kbitprep-manifest.json", "INCOMPLETE", "notes.txt"]
 
     other = tmp_path / "other"
     other.mkdir()

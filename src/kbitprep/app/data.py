@@ -18,9 +18,10 @@ file and the line, raised before anything is loaded or written.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 from ..errors import KbitPrepError
@@ -32,6 +33,7 @@ __all__ = [
     "Row",
     "TokenizedData",
     "check_one_kind",
+    "check_token_ids",
     "read_jsonl",
     "tokenize_rows",
 ]
@@ -128,8 +130,72 @@ def check_one_kind(rows: Sequence[Row], path: str) -> None:
                             "\"text\"/\"prompt\" rows. Split it into two files")
 
 
+# Magic bytes of files that are not JSONL text, and what to do about each.
+_NOT_TEXT = (
+    (b"\x1f\x8b", "a gzip-compressed file; decompress it first (gunzip)"),
+    (b"BZh", "a bzip2-compressed file; decompress it first (bunzip2)"),
+    (b"\xfd7zXZ\x00", "an xz-compressed file; decompress it first (unxz)"),
+    (b"\x28\xb5\x2f\xfd", "a zstd-compressed file; decompress it first (unzstd)"),
+    (b"PK\x03\x04", "a zip archive; extract the .jsonl file from it"),
+    (b"PAR1", "a Parquet file; convert it to JSONL, one JSON object per line"),
+    (b"\xff\xfe", "UTF-16 text; save the file as UTF-8"),
+    (b"\xfe\xff", "UTF-16 text; save the file as UTF-8"),
+)
+_UTF8_BOM = b"\xef\xbb\xbf"
+# A line longer than this is no training row (a sequence of --seq-len tokens is a few MB of
+# text at most); reading stops there instead of holding the whole line in memory.
+MAX_LINE_BYTES = 256 * 1024 * 1024
+
+
+def _open_data(path: str) -> Any:
+    if os.path.isdir(path):
+        raise DataError(f"{path}: is a folder; pass a .jsonl file with one JSON object per line")
+    try:
+        handle = open(path, "rb")  # noqa: SIM115 - returned open, closed by the caller's `with`
+    except FileNotFoundError:
+        raise DataError(f"{path}: no such data file") from None
+    except OSError as error:
+        raise DataError(f"{path}: cannot be read ({error.strerror or error})") from None
+    head = handle.peek(8)[:8] if hasattr(handle, "peek") else b""
+    for magic, what in _NOT_TEXT:
+        if head.startswith(magic):
+            handle.close()
+            raise DataError(f"{path}: is {what}")
+    return handle
+
+
+def _raw_lines(handle: Any, path: str) -> Iterator[tuple[int, bytes]]:
+    """(line number, bytes) for each line, read one at a time; a line past MAX_LINE_BYTES is an error."""
+    for number in itertools.count(1):
+        raw = handle.readline(MAX_LINE_BYTES + 1)
+        if not raw:
+            return
+        if len(raw) > MAX_LINE_BYTES and not raw.endswith(b"\n"):
+            raise DataError(f"{path}:{number}: longer than {MAX_LINE_BYTES // 2**20} MiB; one line is one "
+                            "training row: split the text into rows of at most a few --seq-len each")
+        if number == 1 and raw.startswith(_UTF8_BOM):
+            raw = raw[len(_UTF8_BOM):]  # the byte-order mark some editors write: not part of the JSON
+        yield number, raw.rstrip(b"\r\n")
+
+
+def _row_from_line(raw: bytes, number: int, path: str) -> Row | None:
+    where = f"{path}:{number}"
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise DataError(f"{where}: not UTF-8 text (byte {error.start + 1} is {raw[error.start]:#04x}); "
+                        "save the file as UTF-8") from None
+    if not line.strip():
+        return None
+    try:
+        value = json.loads(line)
+    except json.JSONDecodeError as error:
+        raise DataError(f"{where}: not valid JSON (column {error.colno}: {error.msg})") from None
+    return _row_from_object(value, number, where)
+
+
 def read_jsonl(path: str | os.PathLike[str]) -> list[Row]:
-    """Read and check every row of a JSONL file.
+    """Read and check every row of a JSONL file, one line at a time.
 
     Args:
         path (str | PathLike): the file.
@@ -138,35 +204,17 @@ def read_jsonl(path: str | os.PathLike[str]) -> list[Row]:
         list[Row]: the rows, in file order.
 
     Raises:
-        DataError: the file is missing, unreadable or empty, or a line is not UTF-8, not
-            JSON, or lacks the fields; the message names the file and line.
+        DataError: the file is missing, unreadable, empty, compressed or not UTF-8 text,
+            or a line is not UTF-8, not JSON, absurdly long, or lacks the fields; the
+            message names the file and line.
     """
     path = os.fspath(path)
-    if os.path.isdir(path):
-        raise DataError(f"{path}: is a folder; pass a .jsonl file with one JSON object per line")
-    try:
-        with open(path, "rb") as handle:
-            raw_lines = handle.read().splitlines()
-    except FileNotFoundError:
-        raise DataError(f"{path}: no such data file") from None
-    except OSError as error:
-        raise DataError(f"{path}: cannot be read ({error.strerror or error})") from None
-
-    rows = []
-    for number, raw in enumerate(raw_lines, start=1):
-        where = f"{path}:{number}"
+    with _open_data(path) as handle:
         try:
-            line = raw.decode("utf-8")
-        except UnicodeDecodeError as error:
-            raise DataError(f"{where}: not UTF-8 text (byte {error.start + 1} is {raw[error.start]:#04x}); "
-                            "save the file as UTF-8") from None
-        if not line.strip():
-            continue
-        try:
-            value = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise DataError(f"{where}: not valid JSON (column {error.colno}: {error.msg})") from None
-        rows.append(_row_from_object(value, number, where))
+            rows = [row for number, raw in _raw_lines(handle, path)
+                    if (row := _row_from_line(raw, number, path)) is not None]
+        except OSError as error:
+            raise DataError(f"{path}: cannot be read ({error.strerror or error})") from None
     if not rows:
         raise DataError(f"{path}: holds no rows; add lines such as {{\"text\": \"...\"}} "
                         "or {\"prompt\": \"...\", \"completion\": \"...\"}")
@@ -201,10 +249,11 @@ def _special_id(tokenizer: Any, name: str) -> list[int]:
     return [] if value is None else [int(value)]
 
 
-def _plain_tokens(row: Row, tokenizer: Any, bos: list[int], eos: list[int]) -> tuple[list[int], list[int]]:
-    """`bos + prompt + completion + eos`, the prompt's labels -100."""
-    prompt = bos + (tokenizer(row.prompt, add_special_tokens=False)["input_ids"] if row.prompt else [])
-    completion = tokenizer(row.completion, add_special_tokens=False)["input_ids"] + eos
+def _plain_tokens(row: Row, tokenizer: Any, bos: list[int], eos: list[int],
+                  limit: int | None = None) -> tuple[list[int], list[int]]:
+    """`bos + prompt + completion + eos`, the prompt's labels -100; texts cut at `limit` characters first."""
+    prompt = bos + (_token_ids(tokenizer, row.prompt, limit) if row.prompt else [])
+    completion = _token_ids(tokenizer, row.completion, limit) + eos
     return prompt + completion, [IGNORE_INDEX] * len(prompt) + completion
 
 
@@ -228,12 +277,13 @@ def tokenize_rows(rows: Sequence[Row], tokenizer: Any, seq_len: int, *, source: 
     if any(row.kind == "messages" for row in rows):
         check_chat_template(tokenizer, str(getattr(tokenizer, "name_or_path", "") or "the model"))
     bos, eos = _special_id(tokenizer, "bos"), _special_id(tokenizer, "eos")
+    limit = _character_limit(tokenizer, seq_len)
     examples, truncated, dropped = [], 0, []
     for row in rows:
         if row.kind == "messages":
             ids, labels = tokenize_conversation(row.messages, tokenizer, f"{source}:{row.line}")
         else:
-            ids, labels = _plain_tokens(row, tokenizer, bos, eos)
+            ids, labels = _plain_tokens(row, tokenizer, bos, eos, limit)
         truncated += len(ids) > seq_len
         ids, labels = ids[:seq_len], labels[:seq_len]
         # The first position is never a target (nothing comes before it), so it does not count.
@@ -245,7 +295,63 @@ def tokenize_rows(rows: Sequence[Row], tokenizer: Any, seq_len: int, *, source: 
         what = "an assistant token" if rows and rows[0].kind == "messages" else "a completion token"
         raise DataError(f"{source}: no row has {what} within --seq-len {seq_len}; "
                         "raise --seq-len or shorten the prompts")
+    _check_not_all_unknown(examples, tokenizer, source)
     return TokenizedData(examples, truncated, tuple(dropped))
+
+
+def _character_limit(tokenizer: Any, seq_len: int) -> int | None:
+    """How many characters of a text can matter for its first `seq_len` tokens.
+
+    No token spans more characters than the longest entry of the vocabulary, so a text
+    cut at twice (seq_len + 1) times that length still yields its first seq_len tokens
+    (the cut only changes the last few). A 50 MB line is then tokenized in milliseconds,
+    not minutes. None when the tokenizer does not list its vocabulary.
+    """
+    vocab = getattr(tokenizer, "get_vocab", None)
+    lengths = [len(token) for token in vocab()] if callable(vocab) else []
+    return 2 * (seq_len + 1) * max(max(lengths, default=0), 16) if lengths else None
+
+
+def _token_ids(tokenizer: Any, text: str, limit: int | None) -> list[int]:
+    return tokenizer(text[:limit] if limit is not None else text, add_special_tokens=False)["input_ids"]
+
+
+# Data whose trained tokens are mostly the unknown token teaches the model to emit it.
+UNKNOWN_SHARE_LIMIT = 0.5
+
+
+def _check_not_all_unknown(examples: Sequence[dict[str, list[int]]], tokenizer: Any, source: str) -> None:
+    """Refuse data whose trained tokens are mostly the tokenizer's unknown token: nothing could be learned."""
+    unk = getattr(tokenizer, "unk_token_id", None)
+    special = {getattr(tokenizer, f"{name}_token_id", None) for name in ("bos", "eos", "pad")} - {unk}
+    trained = [label for example in examples for label in example["labels"][1:]
+               if label != IGNORE_INDEX and label not in special]
+    unknown = sum(label == unk for label in trained) if unk is not None else 0
+    if trained and unknown >= UNKNOWN_SHARE_LIMIT * len(trained):
+        token = getattr(tokenizer, "unk_token", None) or unk
+        raise DataError(f"{source}: {unknown} of the text's {len(trained)} tokens are the tokenizer's unknown token "
+                        f"{token!r}: the model's tokenizer does not know these characters (another script or "
+                        "language?), so nothing can be learned. Use a model whose tokenizer covers the text, or "
+                        "check the file's text")
+
+
+def check_token_ids(data: TokenizedData, vocab_size: int, *, tokenizer_source: str, pad_token_id: int) -> None:
+    """Raise `DataError` if a token id (or the padding id) lies outside the model's embedding table.
+
+    Args:
+        data (TokenizedData): the tokenized rows.
+        vocab_size (int): the model's vocabulary size (rows of its input embedding).
+        tokenizer_source (str): where the tokenizer comes from, for the message.
+        pad_token_id (int): the id batches are padded with.
+
+    Raises:
+        DataError: names the largest id and the vocabulary size.
+    """
+    largest = max([pad_token_id, *(max(example["input_ids"]) for example in data.examples)])
+    if largest >= vocab_size:
+        raise DataError(f"{tokenizer_source}: the tokenizer gives token id {largest}, but the model's vocabulary "
+                        f"has {vocab_size} entries (config.json vocab_size): the tokenizer belongs to another model. "
+                        "Save the model's own tokenizer beside its weights (tokenizer.save_pretrained)")
 
 
 class CausalLMCollator:

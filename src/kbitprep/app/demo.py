@@ -22,7 +22,7 @@ from pathlib import Path
 
 from .data import read_jsonl
 from .finetune import FinetuneObserver, FinetuneReport, FinetuneSettings, run_pipeline
-from .outputs import BASE_MODEL_DIR
+from .outputs import BASE_MODEL_DIR, atomic_directory
 
 __all__ = ["DEMO_CHAT_DATA", "DEMO_DATA", "DEMO_MODEL", "build_tiny_model", "demo_settings", "run_demo"]
 
@@ -35,23 +35,32 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 
 
 def build_tiny_model(destination: str | os.PathLike[str], *, seed: int = 0) -> Path:
-    """Build the shipped tiny Llama with seeded random weights and save it, with its tokenizer, to `destination`."""
+    """Build the shipped tiny Llama with seeded random weights and save it, with its tokenizer, to `destination`.
+
+    The folder appears whole or not at all (it is built beside and renamed into place).
+    """
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
     destination = Path(destination)
-    with resources.as_file(DEMO_MODEL) as source:
+    with resources.as_file(DEMO_MODEL) as source, atomic_directory(destination) as staging:
         config = AutoConfig.from_pretrained(source, local_files_only=True)
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(config)
-        model.save_pretrained(destination)
+        model.save_pretrained(staging)
         for name in _TOKENIZER_FILES:
-            shutil.copyfile(source / name, destination / name)
+            shutil.copyfile(source / name, staging / name)
     return destination
 
 
+def _base_model(run: Path) -> None:
+    """The demo's base model in its run folder: built, or kept when a resumed run already has it."""
+    if not (run / BASE_MODEL_DIR / "config.json").is_file():
+        build_tiny_model(run / BASE_MODEL_DIR)
+
+
 def demo_settings(output: str | os.PathLike[str], *, max_steps: int = DEMO_STEPS,
-                  overwrite: bool = False) -> FinetuneSettings:
+                  overwrite: bool = False, resume: bool = False) -> FinetuneSettings:
     """The demo's settings: a learning rate and batch that make the tiny model learn in ~100 steps."""
     output = Path(output).absolute()
     return FinetuneSettings(
@@ -69,17 +78,19 @@ def demo_settings(output: str | os.PathLike[str], *, max_steps: int = DEMO_STEPS
         seed=0,
         save_steps=50,
         overwrite=overwrite,
+        resume=resume,
         samples=("klm", "3456"),
         max_new_tokens=16,
     )
 
 
 def run_demo(output: str | os.PathLike[str], *, max_steps: int = DEMO_STEPS, overwrite: bool = False,
-             observer: FinetuneObserver | None = None) -> FinetuneReport:
+             resume: bool = False, observer: FinetuneObserver | None = None) -> FinetuneReport:
     """Build the tiny model into `output/base-model`, then fine-tune it as `kbitprep finetune` would.
 
     Raises:
-        RunFolderError: `output` holds a finished run and `overwrite` is False.
+        RunFolderError: `output` holds a finished run and `overwrite` is False, or an
+            unfinished one and neither `resume` nor `overwrite` is True.
     """
     import torch
 
@@ -89,9 +100,9 @@ def run_demo(output: str | os.PathLike[str], *, max_steps: int = DEMO_STEPS, ove
     torch.set_num_threads(1)
     try:
         with resources.as_file(DEMO_DATA) as data_file:  # a real file even if the package is zipped
-            settings = dataclasses.replace(demo_settings(output, max_steps=max_steps, overwrite=overwrite),
-                                           data=str(data_file))
-            return run_pipeline(settings, read_jsonl(data_file), observer,
-                                setup=lambda run: build_tiny_model(run / BASE_MODEL_DIR))
+            settings = dataclasses.replace(demo_settings(output, max_steps=max_steps, overwrite=overwrite,
+                                                         resume=resume), data=str(data_file))
+            return run_pipeline(settings, read_jsonl(data_file), observer, setup=_base_model,
+                                makes=(BASE_MODEL_DIR,))
     finally:
         torch.set_num_threads(threads)

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import shutil
 import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -37,10 +36,12 @@ from .data import (
     CausalLMCollator,
     Row,
     TokenizedData,
+    check_token_ids,
     read_jsonl,
     tokenize_rows,
 )
-from .distributed import barrier, start_processes
+from .distributed import barrier, main_decides, start_processes
+from .divergence import check_finite_weights, divergence_callback
 from .evaluation import eval_history
 from .live_bytes import PeakMeter
 from .loading import (
@@ -48,11 +49,24 @@ from .loading import (
     error_summary,
     load_quantized_model,
     load_tokenizer,
+    model_fingerprint,
     resolve_compute_dtype,
 )
 from .lora import attach_lora, linear_layer_names
 from .observer import FinetuneObserver
-from .outputs import ADAPTER_DIR, LOSS_PLOT, REPORT, RunFolder, atomic_directory, atomic_write_bytes, checkpoint_step
+from .outputs import (
+    ADAPTER_DIR,
+    LOSS_PLOT,
+    REPORT,
+    RUN_NAMES,
+    RunFolder,
+    atomic_directory,
+    atomic_write_bytes,
+    checkpoint_step,
+    describe_owner,
+    explain_write_failure,
+    file_fingerprint,
+)
 from .packing import PackedData, check_packing, pack_examples
 from .plotting import plot_loss
 from .quiet import without_log_notes
@@ -83,6 +97,10 @@ __all__ = [
     "read_report",
     "run_pipeline",
 ]
+
+# What the run read, recorded beside its settings in INCOMPLETE and checked on --resume.
+_INPUT_KEYS = (("data_sha256", "DATA's content"), ("eval_data_sha256", "--eval-data's content"),
+               ("chat_template_sha256", "--chat-template's content"), ("model_fingerprint", "the model folder's files"))
 
 
 def finetune(settings: FinetuneSettings, observer: FinetuneObserver | None = None) -> FinetuneReport:
@@ -155,15 +173,18 @@ def run_pipeline(
     observer: FinetuneObserver | None = None,
     *,
     setup: Callable[[Path], object] | None = None,
+    makes: tuple[str, ...] = (),
     eval_rows: Sequence[Row] = (),
 ) -> FinetuneReport:
     """The run after the cheap checks: claim the folder, then load, prepare, train, save.
 
     `setup(run_folder)` runs on the main process once the folder is marked INCOMPLETE and
-    before the model is loaded (the demo writes its base model there). `eval_rows` are
-    evaluated during training (`finetune` makes them from --eval-data or --eval-fraction).
+    before the model is loaded; `makes` names what it writes there (the demo writes its
+    base model, which is then the run's model: made by the run, not read from the user).
+    `eval_rows` are evaluated during training (`finetune` makes them from --eval-data or
+    --eval-fraction).
     """
-    return FinetuneRun(settings, rows, observer, setup=setup, eval_rows=eval_rows).run()
+    return FinetuneRun(settings, rows, observer, setup=setup, makes=makes, eval_rows=eval_rows).run()
 
 
 def measured_peak(device: torch.device) -> dict[str, Any]:
@@ -189,6 +210,7 @@ class FinetuneRun:
         observer (FinetuneObserver | None): receives progress on the main process. Default: None
         setup (Callable[[Path], object] | None): runs on the main process once the folder is
             claimed, before loading. Default: None
+        makes (tuple[str, ...]): the names `setup` writes into the run folder. Default: ()
         eval_rows (Sequence[Row]): rows to evaluate on during training, never trained. Default: ()
     """
 
@@ -216,30 +238,42 @@ class FinetuneRun:
     peak: dict[str, Any]
 
     def __init__(self, settings: FinetuneSettings, rows: Sequence[Row], observer: FinetuneObserver | None = None,
-                 *, setup: Callable[[Path], object] | None = None, eval_rows: Sequence[Row] = ()) -> None:
+                 *, setup: Callable[[Path], object] | None = None, makes: tuple[str, ...] = (),
+                 eval_rows: Sequence[Row] = ()) -> None:
         settings.check()
         self.settings = settings.resolved()
         self.rows = rows
         self.eval_rows = eval_rows
         self.observer = observer or FinetuneObserver()
         self.setup = setup
+        self.makes = makes
         self.folder = RunFolder(self.settings.output)
         self.timings: dict[str, float] = {}
 
     def run(self) -> FinetuneReport:
-        """Claim the run folder, then load, prepare, adapt, train and save; clean up after a failure."""
+        """Claim the run folder, then load, prepare, adapt, train and save; clean up after a failure.
+
+        The folder stays locked from the claim to the end, whatever happens.
+        """
         state_before = self.claim()
         try:
-            if self.main and self.setup is not None:
-                self.setup(self.folder.path)
+            try:
+                if self.main and self.setup is not None:
+                    self.setup(self.folder.path)
+                barrier()
+                with without_log_notes("bnb-int8-cast"):
+                    report = self.train_and_save()
+            except BaseException as error:
+                explained = explain_write_failure(error, self.folder)  # a full disk says so
+                if self.main:
+                    self.folder.abandon(explained, state_before)
+                if explained is error:
+                    raise
+                raise explained from error
             barrier()
-            with without_log_notes("bnb-int8-cast"):
-                report = self.train_and_save()
-        except BaseException as error:
+        finally:
             if self.main:
-                self.abandon(state_before, error)
-            raise
-        barrier()
+                self.folder.unlock()
         return report
 
     def train_and_save(self) -> FinetuneReport:
@@ -300,29 +334,65 @@ class FinetuneRun:
         self.memory = {"predicted": estimate.to_dict(), "predicted_peak_bytes": estimate.total}
 
     def claim(self) -> str:
-        """Check the run folder, start the processes, and mark the folder INCOMPLETE; returns its state before."""
+        """Start the processes; the main one locks the run folder, checks it and marks it INCOMPLETE.
+
+        Returns:
+            str: the folder's state before. Under torchrun every process gets the main
+            one's answer (or its error), so all go on or all stop, with one lock taken.
+        """
         from .trainer import training_arguments
 
-        state_before = self.folder.check_claim(overwrite=self.settings.overwrite, resume=self.settings.resume)
-        if self.settings.resume and state_before == "incomplete":
-            self.check_resume()
         self.args = training_arguments(self.settings, self.folder.checkpoints_dir)
         self.device = start_processes(self.args)  # under torchrun: joins the process group, before any barrier
         self.main = self.args.process_index == 0
         if not self.main:
             self.observer = FinetuneObserver()  # only the main process reports progress
-        barrier()  # every process has read the folder's state before the main process changes it
-        if self.main:
-            self.folder.start(overwrite=self.settings.overwrite, settings=self.settings.to_dict())
-        barrier()
-        return state_before
+        return main_decides(self.main, self.claim_folder)
 
-    def check_resume(self) -> None:
-        """Refuse to resume with settings that differ from the unfinished run's."""
-        differ = self.settings.resume_differences(self.folder.marker().get("settings", {}))
+    def claim_folder(self) -> str:
+        """Lock the folder, check that this run may use it (and may resume it), then mark it INCOMPLETE."""
+        previous = self.folder.lock()
+        try:
+            made = {str(self.folder.path / name) for name in self.makes}
+            reads = [path for path in (self.settings.model, self.settings.data, self.settings.eval_data)
+                     if path and path not in made]
+            writes = (*RUN_NAMES, *self.makes)
+            state = self.folder.check_claim(overwrite=self.settings.overwrite, resume=self.settings.resume,
+                                            inputs=reads, writes=writes)
+            inputs = self.inputs_record(model_made_by_run=self.settings.model in made)
+            if self.settings.resume and state == "incomplete":
+                self.check_resume(inputs)
+            self.folder.start(overwrite=self.settings.overwrite, settings={**self.settings.to_dict(), **inputs},
+                              writes=writes)
+        except BaseException:
+            self.folder.unlock()
+            raise
+        if previous is not None:
+            self.observer.on_message(f"the previous run in this folder ({describe_owner(previous)}) ended "
+                                     "without finishing; its lock is taken over")
+        return state
+
+    def inputs_record(self, *, model_made_by_run: bool) -> dict[str, str]:
+        """What identifies the run's inputs: the data files' hashes and the model folder's files."""
+        record = {"data_sha256": file_fingerprint(self.settings.data)}
+        for key, path in (("eval_data_sha256", self.settings.eval_data),
+                          ("chat_template_sha256", self.settings.chat_template)):
+            if path and Path(path).is_file():  # a missing one is named by the phase that reads it
+                record[key] = file_fingerprint(path)
+        if not model_made_by_run:
+            record["model_fingerprint"] = model_fingerprint(self.settings.model)
+        return record
+
+    def check_resume(self, inputs: dict[str, str]) -> None:
+        """Refuse to resume with settings, data or model that differ from the unfinished run's."""
+        recorded = self.folder.marker()["settings"]
+        differ = self.settings.resume_differences(recorded)
+        differ += [f"{what} changed since the run started" for key, what in _INPUT_KEYS
+                   if key in recorded and key in inputs and recorded[key] != inputs[key]]
         if differ:
             raise FinetuneError(f"{self.folder.path}: --resume with settings that differ from the run's: "
-                                f"{'; '.join(differ)}. Pass the run's settings, or --overwrite to start again")
+                                f"{'; '.join(differ)}. Pass the run's settings and files, or --overwrite to start "
+                                "again")
 
     def load(self) -> None:
         """Find the checkpoint to resume from, tokenize the rows, load the (quantized) model."""
@@ -340,9 +410,20 @@ class FinetuneRun:
         source = self.settings.eval_data or f"{self.settings.data} (held out)"
         self.eval_data = tokenize_rows(self.eval_rows, self.tokenizer, self.settings.seq_len, source=source) \
             if self.eval_rows else None
+        vocab_size = configured_vocab_size(check_model_folder(self.settings.model))
+        if vocab_size is not None:  # before loading: another model's tokenizer costs seconds, not a model load
+            self.check_token_ids(vocab_size)
         device_index = self.args.local_process_index if has_accelerator() else None
         self.model = load_quantized_model(self.settings.model, self.settings.quantize, device_index=device_index,
                                           compute=self.settings.compute_dtype)
+        self.check_token_ids(self.model.get_input_embeddings().num_embeddings)
+
+    def check_token_ids(self, vocab_size: int) -> None:
+        """Refuse token ids (the padding id included) past the model's vocabulary."""
+        for data in (self.data, self.eval_data):
+            if data is not None:
+                check_token_ids(data, vocab_size, tokenizer_source=self.settings.model,
+                                pad_token_id=pad_token_id(self.tokenizer))
 
     def resume_point(self) -> Path | None:
         """The newest complete checkpoint, once checkpoints cut short while saving are removed."""
@@ -412,9 +493,13 @@ class FinetuneRun:
             self.observer.on_sample(stage, sample["prompt"], sample[stage])
 
     def train(self) -> None:
-        """Train with the Trainer, from the resume checkpoint if there is one."""
+        """Train with the Trainer, from the resume checkpoint if there is one.
+
+        A run killed after its last step resumes from a checkpoint of that step; the Trainer
+        would train one step more, so the weights and the log are taken from it as they are.
+        """
         from .loss import plan_loss
-        from .trainer import FinetuneTrainer
+        from .trainer import FinetuneTrainer, restore_finished, training_done
 
         self.loss_plan = plan_loss(self.model, self.settings.loss)
         if self.loss_plan.reason:
@@ -422,19 +507,28 @@ class FinetuneRun:
         trainer = FinetuneTrainer(model=self.model, args=self.args, train_dataset=self.train_data,
                                   data_collator=CausalLMCollator(pad_token_id(self.tokenizer)),
                                   callbacks=self.callbacks(), loss_mode=self.settings.loss)
-        trainer.train(resume_from_checkpoint=str(self.resume_from) if self.resume_from is not None else None)
+        if self.resume_from is not None and training_done(self.resume_from):
+            self.observer.on_message(f"{self.resume_from.name} is the run's last step: nothing left to train")
+            restore_finished(trainer, self.resume_from)
+        else:
+            trainer.train(resume_from_checkpoint=str(self.resume_from) if self.resume_from is not None else None)
         self.history = loss_history(trainer.state.log_history)
         self.evaluations = eval_history(trainer.state.log_history)
         self.peak = measured_peak(self.device)
 
     def callbacks(self) -> list[TrainerCallback]:
-        """The Trainer callbacks of the run: the place for anything to do after each step or save."""
+        """The Trainer callbacks of the run: the place for anything to do after each step or save.
+
+        The divergence guard comes first: it stops a step with a non-finite loss, gradient
+        norm or weight before that step's checkpoint is saved and marked complete.
+        """
         from .evaluation import make_eval_callback
         from .trainer import RunCallback
 
-        callbacks: list[TrainerCallback] = [RunCallback(self.folder, self.observer)]
+        callbacks: list[TrainerCallback] = [divergence_callback(self.settings.lr, self.settings.lora_alpha),
+                                            RunCallback(self.folder, self.observer)]
         if self.eval_data is not None:  # before RunCallback's save: a checkpoint keeps the step's evaluation
-            callbacks.insert(0, make_eval_callback(self.eval_data, self.settings.batch_size,
+            callbacks.insert(1, make_eval_callback(self.eval_data, self.settings.batch_size,
                                                    pad_token_id(self.tokenizer), self.settings.eval_steps,
                                                    self.observer, loss=getattr(self.settings, "loss", "chunked")))
         return callbacks
@@ -485,7 +579,12 @@ class FinetuneRun:
         return summary
 
     def save(self, report: FinetuneReport) -> None:
-        """Adapter, loss plot, then report.json (the moment the run counts as finished), each atomically."""
+        """Adapter, loss plot, then report.json (the moment the run counts as finished), each atomically.
+
+        An adapter holding a non-finite value is never written.
+        """
+        check_finite_weights(self.model, what="write the adapter", lr=self.settings.lr,
+                             lora_alpha=self.settings.lora_alpha)
         path = self.folder.path
         with atomic_directory(path / ADAPTER_DIR) as staging:
             self.model.save_pretrained(staging)
@@ -494,11 +593,11 @@ class FinetuneRun:
         self.folder.finish(report.to_dict())
         self.observer.on_message(f"wrote {path / ADAPTER_DIR}, {path / REPORT}, {path / LOSS_PLOT}")
 
-    def abandon(self, state_before: str, error: BaseException) -> None:
-        """After a failure: leave nothing if nothing worth keeping was made, else a marked INCOMPLETE run."""
-        if self.folder.latest_checkpoint() is not None or state_before == "incomplete":
-            self.folder.record_failure(error)
-        elif state_before == "absent":
-            shutil.rmtree(self.folder.path, ignore_errors=True)
-        else:
-            self.folder.clear()
+
+def configured_vocab_size(config: dict[str, Any]) -> int | None:
+    """The vocabulary size config.json gives (its own, or its text model's); None if it gives none."""
+    for section in (config, config.get("text_config") or {}):
+        value = section.get("vocab_size") if isinstance(section, dict) else None
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    return None

@@ -7,9 +7,12 @@ config costs a one-line error before anything heavy is imported.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -30,6 +33,7 @@ __all__ = [
     "has_weights",
     "load_quantized_model",
     "load_tokenizer",
+    "model_fingerprint",
     "resolve_compute_dtype",
 ]
 
@@ -69,10 +73,92 @@ def check_model_folder(path: str | os.PathLike[str], *, need_weights: bool = Tru
         raise ModelFolderError(f"{config_file}: cannot be read ({getattr(error, 'strerror', None) or error})") from None
     if not isinstance(config, dict):
         raise ModelFolderError(f"{config_file}: expected a JSON object, got {type(config).__name__}")
+    check_config_values(config, config_file)
     if need_weights and not has_weights(folder):
         raise ModelFolderError(f"{folder}: holds no weights (*.safetensors or pytorch_model*.bin); "
                                f"`kbitprep inspect {folder}` sizes a model from its config alone")
     return config
+
+
+# Bounds far above any real model (the largest have ~130 layers and a few hundred experts):
+# past them, a config.json is damaged, and building even its empty skeleton takes hours.
+SIZE_BOUNDS = {"num_hidden_layers": 1024, "num_layers": 1024, "n_layer": 1024, "num_decoder_layers": 1024,
+               "num_local_experts": 8192, "num_experts": 8192, "n_routed_experts": 8192}
+
+
+def check_config_values(config: dict[str, Any], config_file: str | os.PathLike[str]) -> None:
+    """Check the values of a config.json as transformers reads them, and their sizes, before any model is built.
+
+    Raises:
+        ModelFolderError: a value of the wrong type (`"hidden_size": "64"`), an unknown
+            `model_type`, or an absurd size (a million layers); the message names the key.
+    """
+    for section in (config, *(v for v in config.values() if isinstance(v, dict))):  # text_config, ...
+        for key, bound in SIZE_BOUNDS.items():
+            value = section.get(key)
+            if isinstance(value, int) and not isinstance(value, bool) and not 0 < value <= bound:
+                raise ModelFolderError(f"{config_file}: \"{key}\" is {value}; a model has between 1 and {bound} "
+                                       "(the largest real ones about 130 layers): the file is damaged, fix that value")
+    from transformers import AutoConfig
+
+    try:
+        AutoConfig.from_pretrained(os.path.dirname(os.fspath(config_file)) or ".", local_files_only=True,
+                                   trust_remote_code=False)
+    except Exception as error:  # noqa: BLE001 - transformers' validation raises many types; each names the field
+        detail = " ".join(line.strip() for line in str(error).splitlines() if line.strip()) or type(error).__name__
+        raise ModelFolderError(f"{config_file}: transformers cannot read this config ({detail}); fix that "
+                               "value (numbers without quotes, true/false for switches)") from None
+
+
+def check_weight_shapes(model_dir: str | os.PathLike[str]) -> None:
+    """Compare the shapes in the weight files' headers with the model config.json describes, before loading.
+
+    Only `.safetensors` headers are read (no tensor data); names the files and the model
+    do not share (checkpoints in an older layout) are left to transformers.
+
+    Raises:
+        ModelFolderError: a tensor has another shape than config.json gives it.
+    """
+    from safetensors import safe_open
+
+    from ..sizing import build_meta_model
+
+    files = sorted(Path(model_dir).glob("*.safetensors"))
+    if not files:
+        return
+    try:
+        expected = {name: tuple(t.shape) for name, t in build_meta_model(os.fspath(model_dir), quantize="none")
+                    .state_dict().items()}
+    except Exception:  # noqa: BLE001 - a model the skeleton builder cannot make: transformers will say why
+        return
+    for file in files:
+        with safe_open(file, framework="pt") as handle:
+            for name in handle.keys():  # noqa: SIM118 - a safetensors handle, not a dict
+                shape = tuple(handle.get_slice(name).get_shape())
+                if name in expected and expected[name] != shape:
+                    raise ModelFolderError(
+                        f"{file}: {name} has shape {list(shape)} but config.json gives it {list(expected[name])}: "
+                        "the config and the weights come from different models (or sizes); put the config.json "
+                        "that was saved with these weights beside them")
+
+
+def model_fingerprint(model_dir: str | os.PathLike[str]) -> str:
+    """A hash of a model folder's config, tokenizer files, and weight files' names and sizes.
+
+    Cheap for any model size (weights are not read): what a resumed run compares to
+    notice that the folder now holds another model.
+    """
+    import hashlib
+
+    folder = Path(model_dir)
+    digest = hashlib.sha256()
+    for name in ("config.json", *TOKENIZER_FILES, "tokenizer_config.json"):
+        if (folder / name).is_file():
+            digest.update(name.encode() + b"\0" + (folder / name).read_bytes())
+    for pattern in WEIGHT_PATTERNS:
+        for file in sorted(folder.glob(pattern)):
+            digest.update(f"{file.name}\0{file.stat().st_size}\0".encode())
+    return digest.hexdigest()
 
 
 def has_weights(folder: str | os.PathLike[str]) -> bool:
@@ -164,17 +250,48 @@ def load_quantized_model(model_dir: str | os.PathLike[str], quantize: str, *,
         kwargs["quantization_config"] = quantization_config
     if device_index is not None:
         kwargs["device_map"] = {"": device_index}
+    damaged = _damaged_weight_file(model_dir)
+    if damaged is None:
+        check_weight_shapes(model_dir)
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), _held_load_report() as reports:
             warnings.simplefilter("ignore", UserWarning)  # bitsandbytes/transformers notes about CPU-only set-ups
-            model = AutoModelForCausalLM.from_pretrained(os.fspath(model_dir), **kwargs)
+            loaded: Any = AutoModelForCausalLM.from_pretrained(os.fspath(model_dir), output_loading_info=True,
+                                                               **kwargs)
+            model, info = loaded  # the model and what loading found (missing keys, ...)
     except Exception as error:  # safetensors, torch and transformers each raise their own types here
-        damaged = _damaged_weight_file(model_dir)
         where = f"{damaged}: damaged or truncated weight file" if damaged else f"{model_dir}: cannot load the model"
         raise ModelFolderError(f"{where} ({error_summary(error)})") from error
+    missing = sorted(info.get("missing_keys") or ())
+    if missing:
+        raise ModelFolderError(f"{model_dir}: the weight files lack {len(missing)} tensor(s) the model in config.json "
+                               f"has (first: {missing[0]}); they would start random. The weights are incomplete (a "
+                               "shard missing?) or belong to another model: save or download them again")
+    for record in reports:  # not replaced by an error: the user still sees what transformers reported
+        logging.getLogger(record.name).handle(record)
     from ..apply import keep_training_layout
 
     return keep_training_layout(model)
+
+
+@contextlib.contextmanager
+def _held_load_report() -> Iterator[list[logging.LogRecord]]:
+    """Hold back transformers' weight-loading report while loading: when kbitprep turns what it
+    reports into an error, the error says it once; otherwise the caller logs the report after all."""
+    held: list[logging.LogRecord] = []
+
+    def hold(record: logging.LogRecord) -> bool:
+        if "LOAD REPORT" in str(record.msg):
+            held.append(record)
+            return False
+        return True
+
+    logger = logging.getLogger("transformers.modeling_utils")
+    logger.addFilter(hold)
+    try:
+        yield held
+    finally:
+        logger.removeFilter(hold)
 
 
 def _damaged_weight_file(model_dir: str | os.PathLike[str]) -> Path | None:

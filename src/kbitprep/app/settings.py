@@ -164,10 +164,11 @@ class FinetuneSettings:
                               group=_TRAINING, resume=True)
     grad_accum: int = setting(1, help="micro-batches per optimizer step", bound=at_least(1), metavar="N",
                               group=_TRAINING, resume=True)
+    # The step count shapes the run too: the learning rate decays to zero over it.
     max_steps: int | None = setting(None, help="optimizer steps to train", bound=at_least(1), metavar="N",
-                                    group=_TRAINING, exclusive="length")
+                                    group=_TRAINING, exclusive="length", resume=True)
     epochs: float = setting(1.0, help="passes over the data", bound=POSITIVE, metavar="E", group=_TRAINING,
-                            exclusive="length")
+                            exclusive="length", resume=True)
     seq_len: int = setting(512, help="longest sequence in tokens; longer rows are cut", bound=at_least(2),
                            metavar="N", group=_TRAINING, resume=True)
     seed: int = setting(0, help="seed for LoRA init, dropout and data order", group=_TRAINING, resume=True)

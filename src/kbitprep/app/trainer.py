@@ -6,6 +6,7 @@ once a run starts (`import kbitprep` stays light).
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,7 @@ from .observer import FinetuneObserver
 from .outputs import RunFolder
 from .settings import FinetuneSettings
 
-__all__ = ["FinetuneTrainer", "RunCallback", "training_arguments"]
+__all__ = ["FinetuneTrainer", "RunCallback", "restore_finished", "training_arguments", "training_done"]
 
 
 def training_arguments(settings: FinetuneSettings, output_dir: Path) -> TrainingArguments:
@@ -34,6 +35,7 @@ def training_arguments(settings: FinetuneSettings, output_dir: Path) -> Training
         warmup_steps=0,
         weight_decay=0.0,
         logging_steps=1,
+        logging_nan_inf_filter=False,  # log a non-finite loss as it is (the filter logs it as 0); it stops the run
         save_strategy="steps",
         save_steps=settings.save_steps,
         save_total_limit=None,  # kbitprep prunes checkpoints itself, only once a newer one is complete
@@ -92,3 +94,34 @@ class RunCallback(TrainerCallback):
     def on_train_end(self, args: TrainingArguments, state: Any, control: Any, **kwargs: Any) -> None:
         if state.is_world_process_zero:
             self.observer.on_train_end()
+
+
+def training_done(checkpoint: Path) -> bool:
+    """Whether a checkpoint was saved at the run's last step (the Trainer records both in trainer_state.json)."""
+    try:
+        state = json.loads((checkpoint / "trainer_state.json").read_text(encoding="utf-8"))
+        return int(state["global_step"]) >= int(state["max_steps"]) > 0
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
+def restore_finished(trainer: Trainer, checkpoint: Path) -> None:
+    """Give `trainer` the adapter weights and the state (its log) saved in a checkpoint of the run's last step.
+
+    Raises:
+        FinetuneError: the checkpoint holds weights the run's adapter does not have.
+    """
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+    from transformers import TrainerState
+
+    from .settings import FinetuneError
+
+    weights = load_file(checkpoint / "adapter_model.safetensors", device=str(trainer.args.device))
+    result = set_peft_model_state_dict(trainer.model, weights)
+    unexpected = list(getattr(result, "unexpected_keys", None) or [])
+    if unexpected:
+        raise FinetuneError(f"{checkpoint}: holds weights this run's adapter does not have (first: {unexpected[0]}); "
+                            "pass --overwrite to start again")
+    trainer.state = TrainerState.load_from_json(str(checkpoint / "trainer_state.json"))
+
