@@ -350,16 +350,16 @@ class TrainingSkeleton:
             seen.update(storages)
         spec = OPTIMIZERS[self.settings.optimizer]
         details = {
-            "quantized weights": "packed 4-bit / int8 weight storage",
-            "quantization state": "per-block scales and code tables of the quantized weights",
-            "frozen weights": "unquantized weights and buffers kept in their dtype (embeddings, head, norms)",
-            "fp32 casts": f"weights the '{self.settings.upcast}' upcast policy holds in float32",
+            "quantized weights": "packed 4-bit / int8 weights",
+            "quantization state": "their block scales and code tables",
+            "frozen weights": "embeddings, head, norms, buffers as stored",
+            "fp32 casts": f"held in float32 by --upcast {self.settings.upcast}",
             "LoRA parameters": f"rank-{self.settings.lora_r} adapters, float32",
         }
         order = ("quantized weights", "quantization state", "frozen weights", "fp32 casts", "LoRA parameters")
         parts = [MemoryComponent(name, sizes[name], details[name]) for name in order]
         parts.append(MemoryComponent("optimizer state", spec.state(self.trainable),
-                                     f"{spec.name}: {spec.state_bytes} bytes per trainable value"))
+                                     f"{spec.name}: {spec.state_bytes} B per trainable value"))
         return parts
 
     def _batch(self, batch_size: int, seq_len: int) -> Callable[[], dict[str, torch.Tensor]]:
@@ -405,10 +405,9 @@ def _dynamic_components(peak: Moment) -> tuple[MemoryComponent, ...]:
     return (
         MemoryComponent("gradients", peak.gradients, "LoRA gradients alive at the peak"),
         MemoryComponent("activations kept", peak.activations,
-                        "made in the forward pass and kept for the backward pass: checkpointed layers' inputs, "
-                        "what the loss and the layers outside the checkpoints save"),
-        MemoryComponent("batch", peak.batch, "token ids, attention mask and labels"),
-        MemoryComponent("transient", peak.transient, f"working set at the peak ({peak.where})"),
+                        "saved for the backward pass: checkpointed layers' inputs, what the loss keeps"),
+        MemoryComponent("batch", peak.batch, "token ids, attention mask, labels"),
+        MemoryComponent("transient", peak.transient, f"working set of {peak.where}"),
     )
 
 
