@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -27,7 +28,7 @@ def _cast_floating(value: Any, dtype: torch.dtype) -> Any:
     return value
 
 
-def _compute_in_float32(output_dtype: torch.dtype):
+def _compute_in_float32(output_dtype: torch.dtype) -> tuple[Callable[..., tuple], Callable[..., Any]]:
     """Hooks that run a norm layer in float32 and hand its output back in `output_dtype`.
 
     An fp32 norm weight times an fp16 activation promotes the product to fp32, which either
