@@ -371,14 +371,14 @@ class CausalLMCollator:
 
         examples = list(examples)
         width = max(len(example["input_ids"]) for example in examples)
-        pad = [width - len(example["input_ids"]) for example in examples]
+        padded = [(e, width - len(e["input_ids"])) for e in examples]
         batch: dict[str, Any] = {
-            "input_ids": torch.tensor([e["input_ids"] + [self.pad_token_id] * n for e, n in zip(examples, pad)]),
-            "labels": torch.tensor([e["labels"] + [IGNORE_INDEX] * n for e, n in zip(examples, pad)]),
+            "input_ids": torch.tensor([e["input_ids"] + [self.pad_token_id] * n for e, n in padded]),
+            "labels": torch.tensor([e["labels"] + [IGNORE_INDEX] * n for e, n in padded]),
         }
         if "position_ids" in examples[0]:
-            batch["position_ids"] = torch.tensor([e["position_ids"] + list(range(n)) for e, n in zip(examples, pad)])
+            batch["position_ids"] = torch.tensor([e["position_ids"] + list(range(n)) for e, n in padded])
             batch["use_cache"] = False
         else:
-            batch["attention_mask"] = torch.tensor([[1] * len(e["input_ids"]) + [0] * n for e, n in zip(examples, pad)])
+            batch["attention_mask"] = torch.tensor([[1] * len(e["input_ids"]) + [0] * n for e, n in padded])
         return batch

@@ -13,8 +13,8 @@ import os
 import time
 from typing import Any
 
-from .loading import ModelFolderError, check_model_folder, has_weights, load_quantized_model
 from ..plan import META_DEVICE, UPCAST_POLICIES, PreparationPlan, plan_preparation
+from .loading import ModelFolderError, check_model_folder, has_weights, load_quantized_model
 
 __all__ = ["InspectReport", "inspect_model", "without_meta_error"]
 

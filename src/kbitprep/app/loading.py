@@ -208,7 +208,7 @@ def resolve_compute_dtype(config: dict[str, Any], choice: str = "auto",
     return compute_dtype_for(dtype, device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
-def load_tokenizer(model_dir: str | os.PathLike[str]):
+def load_tokenizer(model_dir: str | os.PathLike[str]) -> Any:
     """The tokenizer saved in a model folder (local files only, no remote code)."""
     from transformers import AutoTokenizer
 

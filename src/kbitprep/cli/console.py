@@ -162,9 +162,9 @@ def render_inspect_report(console: Console, report: InspectReport) -> None:
     console.print("parameters: " + ", ".join(f"{kind} {format_count(n)}" for kind, n in first.parameter_counts.items()),
                   highlight=False)
     table = Table(title_justify="left")
-    for column, justify in (("upcast", "left"), ("casts", "right"), ("added", "right"), ("bytes before", "right"),
-                            ("bytes after", "right"), ("ratio", "right")):
-        table.add_column(column, justify=justify)
+    table.add_column("upcast", justify="left")
+    for column in ("casts", "added", "bytes before", "bytes after", "ratio"):
+        table.add_column(column, justify="right")
     for policy, plan in report.plans.items():
         ratio = plan.bytes_after / plan.bytes_before if plan.bytes_before else 1.0
         table.add_row(policy, str(len(plan.casts)), "+" + format_bytes(plan.bytes_after - plan.bytes_before),
