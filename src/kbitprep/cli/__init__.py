@@ -70,7 +70,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         err.print("kbitprep: interrupted", markup=False, highlight=False)
         return _EXIT_INTERRUPTED
-    except Exception as error:  # noqa: BLE001 - the one place where every error becomes a message
+    except Exception as error:  # the one place where every error becomes a message
         if debug:
             raise
         # KbitPrepError: the input or the situation is wrong, and the message says how to fix it;
