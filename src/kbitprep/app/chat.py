@@ -153,4 +153,4 @@ def tokenize_conversation(messages: Sequence[Mapping[str, Any]], tokenizer: Any,
     """
     text, spans = assistant_spans(messages, tokenizer, where)
     ids, trained = _token_pieces(text, spans, tokenizer)
-    return ids, [token if keep else IGNORE_INDEX for token, keep in zip(ids, trained)]
+    return ids, [token if keep else IGNORE_INDEX for token, keep in zip(ids, trained, strict=True)]

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import weakref
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
@@ -102,7 +102,7 @@ class LiveBytes(TorchDispatchMode):
         self._alive[key] = (weakref.ref(storage, self._release(key, allocation)), allocation)
         self._change(allocation.nbytes)
 
-    def _release(self, key: int, allocation: Allocation):
+    def _release(self, key: int, allocation: Allocation) -> Callable[[weakref.ref], None]:
         def release(_ref: weakref.ref) -> None:
             self._events += 1
             allocation.died = self._events
@@ -198,7 +198,8 @@ class PeakMeter:
         else:
             self._counter = LiveBytes()
             self._counter.__enter__()
-            self._counter.add(model_tensors(self._model))
+            if self._model is not None:  # None only once started: a meter starts once
+                self._counter.add(model_tensors(self._model))
         self._model = None  # the meter must not keep the model alive
         return self
 

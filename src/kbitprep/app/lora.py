@@ -3,15 +3,28 @@
 from __future__ import annotations
 
 import warnings
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from .loading import error_summary
-from .settings import FinetuneError, FinetuneSettings
+from .settings import FinetuneError
 
 if TYPE_CHECKING:
     from torch import nn
 
-__all__ = ["attach_lora", "linear_layer_names"]
+__all__ = ["LoraSettings", "attach_lora", "linear_layer_names"]
+
+
+class LoraSettings(Protocol):
+    """The settings `attach_lora` reads: a `FinetuneSettings`, or the memory model's `MemorySettings`."""
+
+    @property
+    def lora_r(self) -> int: ...
+    @property
+    def lora_alpha(self) -> float: ...
+    @property
+    def lora_dropout(self) -> float: ...
+    @property
+    def target_modules(self) -> tuple[str, ...] | None: ...
 
 
 def linear_layer_names(model: nn.Module) -> list[str]:
@@ -30,7 +43,7 @@ def linear_layer_names(model: nn.Module) -> list[str]:
                    if isinstance(module, (torch_nn.Linear, Conv1D)) and module is not head})
 
 
-def attach_lora(model: nn.Module, settings: FinetuneSettings) -> nn.Module:
+def attach_lora(model: nn.Module, settings: LoraSettings) -> nn.Module:
     """The model wrapped by peft with a LoRA adapter as `settings` say.
 
     Raises:

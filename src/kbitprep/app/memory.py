@@ -48,6 +48,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "LOSSES",
+    "NOT_COUNTED",
     "OPTIMIZERS",
     "FitReport",
     "MemoryComponent",
@@ -55,7 +56,6 @@ __all__ = [
     "MemoryModelError",
     "MemoryReport",
     "MemorySettings",
-    "NOT_COUNTED",
     "OptimizerSpec",
     "TrainingSkeleton",
     "estimate_memory",
@@ -335,7 +335,7 @@ class TrainingSkeleton:
 
         cast = {c.name for c in self.plan.casts}
         params = {name.removeprefix("base_model.model."): p for name, p in self.model.named_parameters()}
-        groups = {
+        groups: dict[str, list[torch.Tensor]] = {
             "LoRA parameters": [p for p in params.values() if p.requires_grad],
             "quantized weights": [p for p in params.values() if not is_plain_tensor(p)],
             "quantization state": list(quantization_state(self.model)),

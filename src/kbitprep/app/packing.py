@@ -95,7 +95,7 @@ def _concatenate(rows: Sequence[dict[str, list[int]]]) -> dict[str, list[int]]:
     pack: dict[str, list[int]] = {"input_ids": [], "labels": [], "position_ids": []}
     for row in rows:
         pack["input_ids"] += row["input_ids"]
-        pack["labels"] += [IGNORE_INDEX] + list(row["labels"][1:])
+        pack["labels"] += [IGNORE_INDEX, *row["labels"][1:]]
         pack["position_ids"] += list(range(len(row["input_ids"])))
     return pack
 

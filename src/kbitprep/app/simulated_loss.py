@@ -31,7 +31,7 @@ def _full(model: nn.Module, batch: dict[str, torch.Tensor], device: str) -> torc
     return model(**batch).loss
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
+def _unwrap(model: nn.Module) -> Any:  # a transformers model: typed loosely, its methods come from mixins
     get_base_model = getattr(model, "get_base_model", None)
     return get_base_model() if callable(get_base_model) else model
 
@@ -64,7 +64,7 @@ def chunked_loss_plan(model: nn.Module, device: str, backward: str = "fused") ->
     lm = _unwrap(model)
     head = lm.get_output_embeddings()
     base = getattr(head, "base_layer", head)  # a LoRA on the head wraps it
-    weight = getattr(base, "weight", None)
+    weight: Any = getattr(base, "weight", None)
     plain = isinstance(base, nn.Linear) and isinstance(weight, torch.Tensor) and is_plain_tensor(weight)
     rows = weight.shape[0] if plain else base.out_features
     width = weight.shape[1] if plain else base.in_features
@@ -121,7 +121,7 @@ def _one_chunk(plan: Any, head: nn.Module, config: Any, selected: torch.Tensor, 
     """The first chunk, computed as `kbitprep.app.loss` computes each chunk: the peak of any one of them."""
     rows = slice(0, plan.chunk_tokens)
     h, wanted = selected[rows], targets[rows]
-    base = getattr(head, "base_layer", head)
+    base: Any = getattr(head, "base_layer", head)
     if plan.compute_dtype in ("float32", "bfloat16", "float16"):
         dtype = getattr(torch, plan.compute_dtype)
         x, weight = h.to(dtype), base.weight.detach()

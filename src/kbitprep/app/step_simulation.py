@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 from collections.abc import Callable, Iterator, Mapping
+from types import MappingProxyType
 from typing import Any
 
 import torch
@@ -60,7 +61,7 @@ def checkpointed_blocks(model: nn.Module) -> nn.ModuleList | None:
     try:
         from transformers.modeling_layers import GradientCheckpointingLayer
     except ImportError:  # transformers 4
-        GradientCheckpointingLayer = None  # noqa: N806
+        GradientCheckpointingLayer = None  # type: ignore[misc, assignment]  # the class is absent there
     best: nn.ModuleList | None = None
     for module in model.modules():
         if not isinstance(module, nn.ModuleList) or len(module) == 0:
@@ -129,7 +130,7 @@ class _Where:
 class _MetaStep(LiveBytes):
     """`LiveBytes` on meta tensors: answers data-dependent reads and runs custom operators' bodies."""
 
-    _ANSWERS = {torch.ops.aten.all: True, torch.ops.aten.any: False}
+    _ANSWERS: Mapping[Any, bool] = MappingProxyType({torch.ops.aten.all: True, torch.ops.aten.any: False})
     _READS = (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.is_nonzero.default)
 
     def __init__(self) -> None:
@@ -176,7 +177,7 @@ class _MetaStep(LiveBytes):
                 self._count(leaf)
 
 
-def _has_composite_body(func) -> bool:
+def _has_composite_body(func: Any) -> bool:
     """Whether a custom operator runs, on a CPU, a body made of other operators (never a C kernel:
     that would be handed meta pointers)."""
     if func.namespace in ("aten", "prims", "prim"):
@@ -293,7 +294,8 @@ def _classify(allocation: Allocation, grads: set[int]) -> str:
 def _profile(counter: LiveBytes, events: list[tuple[int, str]], grads: set[int], last: int) -> StepProfile:
     """Each phase's peak moment, replayed from the counter's log."""
     births = {allocation.born: allocation for allocation in counter.allocations}
-    live, best = 0, {}
+    live = 0
+    best: dict[str, tuple[int, int, str]] = {}
     deaths = {allocation.died: allocation for allocation in counter.allocations if allocation.died is not None}
     for index, phase in events:
         if index in births:

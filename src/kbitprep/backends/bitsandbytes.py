@@ -208,17 +208,18 @@ def _pack_like_a_real_load(model: nn.Module, bnb_config: Any, dtype: torch.dtype
                                               quant_type=bnb_config.bnb_4bit_quant_type, quant_storage=storage,
                                               module=module)
         elif isinstance(module, bnb.nn.Linear8bitLt):
-            module.weight.data = torch.empty(module.weight.shape, dtype=torch.int8, device="meta")
+            int8: Any = module.weight  # an Int8Params, with attributes torch's Tensor type does not know
+            int8.data = torch.empty(int8.shape, dtype=torch.int8, device="meta")
             # int8 quantization leaves the int8 rows (CB, the weight itself) and one fp32 scale per row
-            module.weight.CB = module.weight.data
-            module.weight.SCB = torch.empty(module.weight.shape[0], dtype=torch.float32, device="meta")
+            int8.CB = int8.data
+            int8.SCB = torch.empty(int8.shape[0], dtype=torch.float32, device="meta")
 
 
 # bitsandbytes' 4-bit block sizes: values per fp32 scale, and scales per scale of the scales.
 _BLOCKSIZE, _NESTED_BLOCKSIZE = 64, 256
 
 
-def _quant_state(QuantState: Any, shape: torch.Size, bnb_config: Any, dtype: torch.dtype) -> Any:  # noqa: N803
+def _quant_state(QuantState: Any, shape: torch.Size, bnb_config: Any, dtype: torch.dtype) -> Any:
     """A 4-bit weight's quantization state with the tensors a real load gives it, on meta.
 
     One scale per block of 64 values (fp32; with double quantization uint8 codes, plus an

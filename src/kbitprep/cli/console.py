@@ -191,8 +191,10 @@ def render_memory_report(console: Console, report: MemoryReport) -> None:
         f"{'on' if settings.gradient_checkpointing else 'off'}, {settings.optimizer}, on {settings.device} "
         f"({estimate.compute_dtype})", highlight=False)
     table = Table(title_justify="left")
-    for column, justify in (("component", "left"), ("bytes", "right"), ("share", "right"), ("what", "left")):
-        table.add_column(column, justify=justify)
+    table.add_column("component", justify="left")
+    table.add_column("bytes", justify="right")
+    table.add_column("share", justify="right")
+    table.add_column("what", justify="left")
     for part in estimate.components:
         table.add_row(part.name, format_bytes(part.bytes), f"{100 * part.bytes / max(estimate.total, 1):.1f}%",
                       part.detail)
