@@ -78,7 +78,7 @@ def check_finite_weights(model: nn.Module, *, what: str, lr: float, lora_alpha: 
                               + hint(lr, lora_alpha))
 
 
-def divergence_callback(lr: float, lora_alpha: float):
+def divergence_callback(lr: float, lora_alpha: float) -> Any:  # a transformers TrainerCallback
     """A TrainerCallback that stops the run at the first non-finite weight, loss or gradient norm.
 
     Args:
