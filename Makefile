@@ -1,4 +1,5 @@
-# Everything a fresh machine needs: `make demo` runs the main job, `make test` the tests.
+# Everything a fresh machine needs: `make demo` runs the main job, `make test` the tests,
+# `make lint` ruff and mypy over src/ (their settings are in pyproject.toml).
 # torch is pinned first: the CPU wheel 2.13.0 lies on this machine's disk, while a bare
 # `torch` requirement would pull a multi-GB CUDA build.
 PYTHON ?= python3
@@ -6,7 +7,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 TORCH  := torch==2.13.0
 
-.PHONY: install demo test test-fast bench docs clean
+.PHONY: install demo lint test test-fast bench docs clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -21,6 +22,10 @@ install: $(VENV)/.installed
 
 demo: install
 	$(BIN)/kbitprep demo --output runs/demo --overwrite
+
+lint: install
+	$(BIN)/ruff check src/
+	$(BIN)/mypy
 
 test: install
 	$(BIN)/python -m pytest -q
