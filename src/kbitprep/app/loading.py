@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..device import has_accelerator
+from ..device import accelerator, has_accelerator
 from ..errors import KbitPrepError
 
 if TYPE_CHECKING:
@@ -194,7 +194,7 @@ def resolve_compute_dtype(config: dict[str, Any], choice: str = "auto",
     Args:
         config (dict): the model's config.json.
         choice (str): "auto", "bfloat16", "float16" or "float32". Default: "auto"
-        device (torch.device | str | None): where the model computes; None: CUDA if there is one, else the CPU.
+        device (torch.device | str | None): where the model computes; None: the accelerator, else the CPU.
             Default: None
     """
     import torch
@@ -205,7 +205,7 @@ def resolve_compute_dtype(config: dict[str, Any], choice: str = "auto",
         return getattr(torch, choice)
     named = getattr(torch, str(config.get("dtype") or config.get("torch_dtype") or "float32"), None)
     dtype = named if isinstance(named, torch.dtype) and named.is_floating_point else torch.float32
-    return compute_dtype_for(dtype, device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    return compute_dtype_for(dtype, device or accelerator() or "cpu")
 
 
 def load_tokenizer(model_dir: str | os.PathLike[str]) -> Any:

@@ -252,10 +252,12 @@ def matmul_dtype(dtype: torch.dtype, device: str) -> torch.dtype:
     A GPU run planned on a machine without one is taken to run on an Ampere-or-later GPU,
     which computes bf16 and fp16 fast.
     """
+    from ..device import accelerator
     from ..precision import compute_dtype_for
 
-    if device == "cuda" and not torch.cuda.is_available():
-        return dtype
+    here = accelerator()
+    if device != "cpu" and (here is None or here.type != torch.device(device).type):
+        return dtype  # no such device to probe here: assume one that computes half precision fast
     return compute_dtype_for(dtype, device)
 
 
