@@ -561,8 +561,7 @@ class FinetuneRun:
     def compute_dtype_name(self) -> str:
         """The dtype the quantized layers compute in (`--compute-dtype`, "auto" resolved)."""
         config = check_model_folder(self.settings.model)
-        device = self.device if self.device.type == "cuda" else "cpu"
-        return str(resolve_compute_dtype(config, self.settings.compute_dtype, device)).removeprefix("torch.")
+        return str(resolve_compute_dtype(config, self.settings.compute_dtype, self.device)).removeprefix("torch.")
 
     def data_summary(self) -> dict[str, Any]:
         """Rows read, examples kept, rows cut or skipped, and the tokens trained on per epoch."""

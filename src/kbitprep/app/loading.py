@@ -236,12 +236,14 @@ def load_quantized_model(model_dir: str | os.PathLike[str], quantize: str, *,
     Raises:
         ModelFolderError: transformers cannot load it (unknown architecture, damaged weights, ...).
     """
+    import torch
     from transformers import AutoModelForCausalLM
 
     from ..sizing import bnb_config_for
 
     config = check_model_folder(model_dir)
-    device = f"cuda:{device_index}" if device_index is not None else "cpu"
+    accel = accelerator()
+    device = torch.device(accel.type, device_index) if accel is not None and device_index is not None else "cpu"
     computes_in = resolve_compute_dtype(config, compute, device)
     dtype = computes_in if quantize == "none" else compute_dtype(config)
     kwargs: dict[str, Any] = {"dtype": dtype, "local_files_only": True, "trust_remote_code": False}
