@@ -23,6 +23,7 @@ from torch.utils.hooks import RemovableHandle
 
 from .device import has_accelerator
 from .diagnostics import Diagnostic, error_code, warning_code
+from .errors import ArgumentTypeError, InvalidArgumentError
 
 __all__ = ["CheckpointingPlan", "enable_checkpointing", "has_input_grad_hook", "plan_checkpointing"]
 
@@ -108,13 +109,13 @@ def validate_checkpointing_kwargs(kwargs: object) -> dict[str, Any]:
     if kwargs is None:
         return {}
     if not isinstance(kwargs, Mapping):
-        raise TypeError(
+        raise ArgumentTypeError(
             f"gradient_checkpointing_kwargs must be a dict such as {{'use_reentrant': False}}, "
             f"not {type(kwargs).__name__}: {kwargs!r}"
         )
     unknown = sorted(str(key) for key in kwargs if key not in CHECKPOINT_OPTIONS)
     if unknown:
-        raise ValueError(
+        raise InvalidArgumentError(
             f"gradient_checkpointing_kwargs has unknown option(s) {unknown}; "
             f"torch.utils.checkpoint.checkpoint accepts {sorted(CHECKPOINT_OPTIONS)}"
         )
@@ -126,7 +127,7 @@ def validate_checkpointing_kwargs(kwargs: object) -> dict[str, Any]:
         del resolved["use_reentrant"]
     wrong = {key: value for key, value in resolved.items() if key in _BOOL_OPTIONS and not isinstance(value, bool)}
     if wrong:
-        raise TypeError(f"gradient_checkpointing_kwargs {wrong} must be True or False: a string or number here "
+        raise ArgumentTypeError(f"gradient_checkpointing_kwargs {wrong} must be True or False: a string or number here "
                         "would be read as truth or falsehood, so e.g. 'False' would mean True")
     return resolved
 

@@ -22,7 +22,7 @@ import dataclasses
 import sys
 from typing import Literal
 
-from .errors import KbitPrepWarning
+from .errors import InvalidArgumentError, KbitPrepWarning
 
 __all__ = ["CODES", "Diagnostic", "DiagnosticCode", "Severity", "error_code", "warning_code"]
 
@@ -86,7 +86,7 @@ CODES: dict[str, DiagnosticCode] = {}
 
 def _declare(code: str, severity: Severity, summary: str, category: type[Warning]) -> DiagnosticCode:
     if code in CODES:
-        raise ValueError(f"diagnostic code {code!r} is declared twice; pick another code")
+        raise InvalidArgumentError(f"diagnostic code {code!r} is declared twice; pick another code")
     # The declaring module: two frames up, past warning_code/error_code.
     module = sys._getframe(2).f_globals.get("__name__", "")
     CODES[code] = DiagnosticCode(code, severity, summary, category, module)

@@ -13,6 +13,18 @@ class KbitPrepError(Exception):
     """Base of every error kbitprep raises: the message names the problem and the fix."""
 
 
+class InvalidArgumentError(KbitPrepError, ValueError):
+    """An argument or input has the right type but a value kbitprep cannot use (a ValueError, as the API promises)."""
+
+
+class ArgumentTypeError(KbitPrepError, TypeError):
+    """An argument has the wrong type (a TypeError, as the API promises)."""
+
+
+class MissingFileError(KbitPrepError, FileNotFoundError):
+    """A file kbitprep needs (a config.json, a model folder's weights) is not there."""
+
+
 class KbitPrepWarning(UserWarning):
     """A preparation went ahead, but something about the model deserves the user's attention."""
 

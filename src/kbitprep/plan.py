@@ -40,7 +40,7 @@ from .backends import UNKNOWN_BACKEND, Detection, detect_quantization, quantized
 from .backends.base import OwnedParameter, is_plain_tensor
 from .checkpointing import CheckpointingPlan, plan_checkpointing, validate_checkpointing_kwargs
 from .diagnostics import Diagnostic, error_code, warning_code
-from .errors import NotQuantizedWarning
+from .errors import ArgumentTypeError, InvalidArgumentError, NotQuantizedWarning
 from .precision import SlowLayer, device_precision, slow_layers
 
 __all__ = [
@@ -282,16 +282,16 @@ def validate_arguments(
         ValueError: an argument has a value that is not allowed (an unknown upcast policy, ...).
     """
     if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module such as a transformers PreTrainedModel, "
+        raise ArgumentTypeError(f"model must be a torch.nn.Module such as a transformers PreTrainedModel, "
                         f"not {type(model).__name__} ({_not_a_module_hint(model)})")
     for name, value in (("use_gradient_checkpointing", use_gradient_checkpointing),
                         ("auto_clear_cache", auto_clear_cache), ("offload", offload)):
         if not isinstance(value, bool):
-            raise TypeError(f"{name} must be True or False, not {value!r}")
+            raise ArgumentTypeError(f"{name} must be True or False, not {value!r}")
     if not isinstance(upcast, str) or upcast not in UPCAST_POLICIES:
-        raise ValueError(f"upcast must be one of {sorted(UPCAST_POLICIES)}, not {upcast!r}")
+        raise InvalidArgumentError(f"upcast must be one of {sorted(UPCAST_POLICIES)}, not {upcast!r}")
     if isinstance(every_n_layers, bool) or not isinstance(every_n_layers, int) or every_n_layers < 1:
-        raise ValueError(f"every_n_layers must be a whole number >= 1, not {every_n_layers!r}")
+        raise InvalidArgumentError(f"every_n_layers must be a whole number >= 1, not {every_n_layers!r}")
     return validate_checkpointing_kwargs(gradient_checkpointing_kwargs)
 
 

@@ -19,6 +19,7 @@ from torch import nn
 
 # The --quantize choices are bitsandbytes configurations; that backend's module owns them.
 from .backends.bitsandbytes import QUANTIZE_CHOICES, bnb_config_for, quantize_skeleton
+from .errors import InvalidArgumentError, MissingFileError
 
 __all__ = ["QUANTIZE_CHOICES", "bnb_config_for", "build_meta_model", "load_config"]
 
@@ -40,19 +41,19 @@ def load_config(config_or_path: Any) -> Any:
         path = os.fspath(config_or_path)
         file = os.path.join(path, "config.json") if os.path.isdir(path) else path
         if not os.path.isfile(file):
-            raise FileNotFoundError(f"{file}: no such file; a model folder needs a config.json")
+            raise MissingFileError(f"{file}: no such file; a model folder needs a config.json")
         try:
             with open(file, encoding="utf-8") as handle:
                 data = json.load(handle)
         except (json.JSONDecodeError, UnicodeDecodeError) as error:
-            raise ValueError(f"{file}: not valid JSON ({error})") from None
+            raise InvalidArgumentError(f"{file}: not valid JSON ({error})") from None
     model_type = data.pop("model_type", None)
     if not model_type:
-        raise ValueError("the config has no 'model_type' (e.g. \"llama\"), so the architecture is unknown")
+        raise InvalidArgumentError("the config has no 'model_type' (e.g. \"llama\"), so the architecture is unknown")
     try:
         return AutoConfig.for_model(model_type, **data)
     except ValueError as error:
-        raise ValueError(f"model_type {model_type!r} is not one this transformers knows ({error})") from None
+        raise InvalidArgumentError(f"model_type {model_type!r} is not one this transformers knows ({error})") from None
 
 
 def _skeleton(config: Any, dtype: torch.dtype) -> nn.Module:
@@ -66,7 +67,7 @@ def _skeleton(config: Any, dtype: torch.dtype) -> nn.Module:
                 return getattr(transformers, auto).from_config(config, dtype=dtype)
         except ValueError as error:  # "Unrecognized configuration class ... for this kind of AutoModel"
             errors.append(f"{auto}: {error}")
-    raise ValueError(f"no transformers model class takes this config: {'; '.join(errors)}")
+    raise InvalidArgumentError(f"no transformers model class takes this config: {'; '.join(errors)}")
 
 
 def build_meta_model(config_or_path: Any, *, quantize: str = "nf4", dtype: torch.dtype | None = None,

@@ -29,6 +29,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from ..errors import ArgumentTypeError
 from .data import IGNORE_INDEX, DataError
 
 __all__ = [
@@ -93,7 +94,7 @@ def _render(tokenizer: Any, messages: list[Mapping[str, Any]], *, generation_pro
         return ""
     text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
     if not isinstance(text, str):
-        raise TypeError(f"the chat template rendered {type(text).__name__}, not text")
+        raise ArgumentTypeError(f"the chat template rendered {type(text).__name__}, not text")
     return text
 
 

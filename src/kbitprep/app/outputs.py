@@ -361,14 +361,16 @@ class RunFolder:
         path = self.path / MANIFEST
         if not path.exists():
             return set()
+        names: object = None
         try:
             names = json.loads(path.read_text(encoding="utf-8"))["written"]
-            if not isinstance(names, list) or not all(isinstance(name, str) for name in names):
-                raise ValueError("'written' is not a list of names")
+            problem = "'written' is not a list of names"
         except (OSError, ValueError, KeyError, TypeError) as error:
-            raise RunFolderError(f"{path}: damaged ({type(error).__name__}: {error}); kbitprep cannot tell the "
+            problem = f"{type(error).__name__}: {error}"
+        if not isinstance(names, list) or not all(isinstance(name, str) for name in names):
+            raise RunFolderError(f"{path}: damaged ({problem}); kbitprep cannot tell the "
                                  "files it wrote from yours, so it removes none: clear the folder yourself, or "
-                                 "choose another --output") from None
+                                 "choose another --output")
         return set(names)
 
     def complete_checkpoints(self) -> list[Path]:

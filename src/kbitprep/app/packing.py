@@ -21,7 +21,7 @@ import dataclasses
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from ..errors import KbitPrepError
+from ..errors import InvalidArgumentError, KbitPrepError
 from .data import IGNORE_INDEX
 
 if TYPE_CHECKING:
@@ -117,7 +117,7 @@ def pack_examples(examples: Sequence[dict[str, list[int]]], seq_len: int, batch_
     """
     lengths = [len(example["input_ids"]) for example in examples]
     if max(lengths, default=0) > seq_len:
-        raise ValueError(f"a row of {max(lengths)} tokens is longer than seq_len {seq_len}; cut rows first")
+        raise InvalidArgumentError(f"a row of {max(lengths)} tokens is longer than seq_len {seq_len}; cut rows first")
     packs = [_concatenate([examples[index] for index in members]) for members in _first_fit(lengths, seq_len)]
     packed_lengths = [len(pack["input_ids"]) for pack in packs]
     return PackedData(packs, len(examples), padding_tokens(lengths, batch_size),

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from ..diagnostics import Diagnostic, warning_code
+from ..errors import InvalidArgumentError
 from .base import BackendBehaviour, OwnedParameter, class_matches, is_plain_tensor
 
 __all__ = [
@@ -157,7 +158,7 @@ def bnb_config_for(quantize: str, compute_dtype: torch.dtype | None = None) -> A
         ValueError: `quantize` is not one of `QUANTIZE_CHOICES`.
     """
     if quantize not in QUANTIZE_CHOICES:
-        raise ValueError(f"quantize must be one of {sorted(QUANTIZE_CHOICES)}, not {quantize!r}")
+        raise InvalidArgumentError(f"quantize must be one of {sorted(QUANTIZE_CHOICES)}, not {quantize!r}")
     arguments = QUANTIZE_CHOICES[quantize]
     if arguments is None:
         return None
