@@ -11,6 +11,7 @@ from .loss_memory import LossMemoryResult, LossMemorySettings
 from .machine import Machine
 from .packing import PackingResult
 from .real_model import RealModelResult
+from .sharded import ShardedResult
 from .training import TrainingResult, TrainingSettings
 from .variants import REFERENCE
 
@@ -38,6 +39,7 @@ class BenchmarkResults:
     loss_memory_configs: dict[str, dict] = dataclasses.field(default_factory=dict)
     loss_memory: dict[str, dict[str, LossMemoryResult]] = dataclasses.field(default_factory=dict)
     bf16_speed: dict[str, float] = dataclasses.field(default_factory=dict)
+    sharded: ShardedResult | None = None
 
     def footprint_of(self, model: str) -> FootprintRow | None:
         return next((row for row in self.footprint if row.model == model), None)
@@ -131,6 +133,13 @@ def _loss_memory(model_kind: str, measure: Callable[[LossMemoryResult], float], 
     return check
 
 
+def _sharded_bytes(results: BenchmarkResults) -> tuple[str, bool] | None:
+    if results.sharded is None:
+        return None
+    ratio = results.sharded.bytes_ratio(2)
+    return f"{ratio:.3f}x", ratio <= 0.55
+
+
 TARGETS: tuple[Target, ...] = (
     Target('"norms" footprint <= 0.65x reference on Qwen2-0.5B', _footprint_ratio("Qwen2-0.5B", "norms", 0.65)),
     Target('"norms" footprint <= 0.80x reference on Llama-3-8B', _footprint_ratio("Llama-3-8B", "norms", 0.80)),
@@ -156,6 +165,7 @@ TARGETS: tuple[Target, ...] = (
            _loss_memory("", lambda r: r.median_step_s, 1.05)),
     Target("chunked loss: final loss within 0.5% of the reference's (both models)",
            _loss_memory("", lambda r: r.final_loss, 0.005, relative_change=True)),
+    Target("finetune --fsdp: per-process parameter bytes at N=2 <= 0.55x of one process", _sharded_bytes),
 )
 
 

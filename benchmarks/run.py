@@ -8,7 +8,8 @@
 5. packing: trained tokens per second with and without `--pack` on rows of mixed lengths;
 6. the memory model's predicted peak against `finetune`'s measured one, on a grid of real runs;
 7. the chunked loss: peak memory from preparation to the end of training, step time, final
-   loss and memory per token of context, against peft's preparation + transformers' loss.
+   loss and memory per token of context, against peft's preparation + transformers' loss;
+8. `finetune --fsdp`'s loading: per-process parameter bytes and peak RSS for N = 1 and 2.
 
 Each compares kbitprep's policies with the reference, `peft.prepare_model_for_kbit_training`,
 measured in the same run. The full run takes about ten minutes on two CPU cores (more
@@ -49,6 +50,7 @@ from benchmarks.shapes import (  # noqa: E402
     TINY_CONFIG,
     TRAINING_CONFIG,
 )
+from benchmarks.sharded import SHARDED_CONFIG, TINY_SHARDED_CONFIG, measure_sharded  # noqa: E402
 from benchmarks.training import TrainingSettings, run_training  # noqa: E402
 from benchmarks.variants import VARIANTS  # noqa: E402
 
@@ -76,6 +78,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--skip-fit", action="store_true", help="skip the memory model's grid of finetune runs")
     parser.add_argument("--skip-loss-memory", action="store_true",
                         help="skip the chunked loss's peak memory, step time and memory per token")
+    parser.add_argument("--skip-fsdp", action="store_true", help="skip the sharded (FSDP) loading")
     parser.add_argument("--quick", action="store_true",
                         help="tiny models and few steps everywhere: checks the script, measures nothing useful")
     return parser
@@ -135,11 +138,16 @@ def run(args: argparse.Namespace, command: str) -> BenchmarkResults:
             _log(f"  {label}")
             loss_runs[label] = run_loss_memory(config, loss_settings, log=_log)
 
+    sharded = None
+    if not args.skip_fsdp:
+        _log("[8] finetune --fsdp: the 4-bit base sharded over 1 and 2 processes")
+        sharded = measure_sharded(TINY_SHARDED_CONFIG if args.quick else SHARDED_CONFIG, log=_log)
+
     return BenchmarkResults(
         command=command, started_utc=started_utc, duration_s=time.perf_counter() - started, machine=machine,
         footprint=footprint, real=real, training_config=training_config,
         training_footprint=measure_footprint("training model", training_config),
-        training_settings=settings, training=training, packing=packing, fit=fit,
+        training_settings=settings, training=training, packing=packing, fit=fit, sharded=sharded,
         loss_memory_settings=loss_settings, loss_memory_configs=loss_configs, loss_memory=loss_runs,
         bf16_speed=bf16_speed() if not args.skip_loss_memory else {},
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -142,3 +143,25 @@ def test_loss_memory_workers_and_section(tiny_row, tmp_path):
     assert "## Training peak memory with the chunked loss" in text and "peak at 16 tokens" in text
     outcomes = {target.name: met for target, _, met in check_targets(results)}
     assert outcomes["chunked loss: median step time <= 1.05x reference (both models)"] is not None
+
+
+@pytest.mark.slow
+def test_sharded_loading_runs_under_torchrun_and_renders(tiny_row, tmp_path):
+    from benchmarks.sharded import TINY_SHARDED_CONFIG, ShardedResult, measure_sharded
+
+    measured = measure_sharded(TINY_SHARDED_CONFIG, processes=(2,), workdir=tmp_path, log=lambda _: None)
+    two = measured.run(2)
+    assert len(two.local_bytes) == 2 and sum(two.local_bytes) == two.parameter_bytes
+    assert all(peak >= loaded > 0 for peak, loaded in zip(two.peak_rss, two.loaded_rss, strict=True))
+    # One launch only, to stay cheap: the N=1 row is stood in by the whole model on one rank.
+    one = dataclasses.replace(two, processes=1, local_bytes=[two.parameter_bytes], peak_rss=two.peak_rss[:1],
+                              loaded_rss=two.loaded_rss[:1])
+    sharded = ShardedResult(measured.model, measured.parameters, [one, two])
+    results = BenchmarkResults(
+        command="python benchmarks/run.py", started_utc="now", duration_s=1.0, machine=describe_machine(REPO_ROOT),
+        footprint=[tiny_row], real=None, training_config=dict(TINY_CONFIG), training_footprint=tiny_row,
+        training_settings=None, training={}, sharded=sharded,
+    )
+    assert "## FSDP-QLoRA" in render(results)
+    outcomes = {target.name: met for target, _, met in check_targets(results)}
+    assert outcomes["finetune --fsdp: per-process parameter bytes at N=2 <= 0.55x of one process"] is True

@@ -231,6 +231,26 @@ def test_inspect_sizes_a_70b_config_from_config_json_alone(workdir: Path) -> Non
     assert all(not plan["errors"] for plan in plans.values())
 
 
+def test_inspect_sizes_each_process_of_a_sharded_70b_run(workdir: Path) -> None:
+    """`inspect --devices 2` on the Llama-3-70B config (its time is in benchmarks/, not asserted)."""
+    from kbitprep.app.inspection import inspect_model
+
+    folder = workdir / "llama-3-70b-sharded"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(LLAMA_3_70B))
+    data = inspect_model(folder, devices=2).to_dict()
+    counts = data["plans"]["none"]["parameter_counts"]
+    # Two processes each hold half of the base: 80 blocks and a 128256-row embedding split evenly.
+    sharded = data["sharding"]["none"]["fsdp2"]
+    assert data["devices"] == 2 and sharded["per_process"][0] == sharded["per_process"][1]
+    assert 2 * sharded["per_process"][0] == sharded["parameter_bytes"]
+    # The packed 4-bit bytes plus their absmax (1/64 of a value each, double quantized) and the bf16 rest.
+    packed, absmax = counts["quantized"] // 2, counts["quantized"] // 64
+    assert sharded["parameter_bytes"] == pytest.approx(packed + absmax + 2 * counts["float"], rel=1e-3)
+    assert sharded["diagnostics"] == [] and "fsdp-integer-storage" in {
+        d["code"] for d in data["sharding"]["none"]["fsdp1"]["diagnostics"]}
+
+
 def test_inspect_renders_a_table_for_a_saved_model(tiny_model: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from kbitprep.cli import main
 

@@ -82,14 +82,15 @@ def test_every_cli_option_parses_a_non_default_value_into_the_settings() -> None
     argv = [*REQUIRED, "--quantize", "int8", "--upcast", "all", "--compute-dtype", "float32", "--lora-r", "4",
             "--lora-alpha", "8", "--lora-dropout", "0", "--target-modules", "q_proj, v_proj", "--lr", "1e-3",
             "--batch-size", "2", "--grad-accum", "3", "--max-steps", "7", "--seq-len", "64", "--seed", "5",
-            "--loss", "full", "--save-steps", "9", "--resume", "--sample", "a", "--sample", "b c",
+            "--loss", "full", "--save-steps", "9", "--fsdp", "--resume", "--sample", "a", "--sample", "b c",
             "--chat-template", "chat.jinja", "--pack", "--eval-fraction", "0.1", "--eval-steps", "5"]
     parsed = FinetuneSettings.from_args(finetune_parser().parse_args(argv))
     expected = FinetuneSettings("models/tiny", "train.jsonl", "runs/tiny", quantize="int8", upcast="all",
                                 compute_dtype="float32", lora_r=4, lora_alpha=8.0, lora_dropout=0.0,
                                 target_modules=("q_proj", "v_proj"), lr=1e-3, batch_size=2, grad_accum=3, max_steps=7,
-                                seq_len=64, seed=5, loss="full", save_steps=9, resume=True, samples=("a", "b c"),
-                                chat_template="chat.jinja", pack=True, eval_fraction=0.1, eval_steps=5)
+                                seq_len=64, seed=5, loss="full", save_steps=9, fsdp=True, resume=True,
+                                samples=("a", "b c"), chat_template="chat.jinja", pack=True, eval_fraction=0.1,
+                                eval_steps=5)
     assert parsed == expected
     changed = {f.name for f in dataclasses.fields(FinetuneSettings)
                if getattr(parsed, f.name) != getattr(FinetuneSettings("m", "d", "o"), f.name)}
@@ -129,7 +130,8 @@ def test_defaults_pass_the_checks_and_conflicting_switches_do_not() -> None:
 OTHER_VALUES = {
     "model": "m2", "data": "d2", "output": "o2", "quantize": "int8", "upcast": "none", "lora_r": 8,
     "lora_alpha": 4.0, "lora_dropout": 0.1, "target_modules": ("q_proj",), "lr": 1.0, "batch_size": 2,
-    "grad_accum": 2, "max_steps": 20, "epochs": 2.0, "seq_len": 64, "seed": 7, "save_steps": 5, "resume": True,
+    "grad_accum": 2, "max_steps": 20, "epochs": 2.0, "seq_len": 64, "seed": 7, "save_steps": 5, "fsdp": True,
+    "resume": True,
     "overwrite": True, "samples": ("a",), "max_new_tokens": 3, "chat_template": "t.jinja", "pack": True,
     "eval_data": "e.jsonl", "eval_fraction": 0.2, "eval_steps": 3, "loss": "full",
     "compute_dtype": "float32",

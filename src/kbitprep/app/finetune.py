@@ -12,6 +12,8 @@ file is in place, checkpoints count only once their completeness marker is writt
 
 The same code runs as one process or under `torchrun --nproc_per_node N` (DDP): the
 Trainer does the distribution, and only the main process writes the run folder's files.
+With `fsdp=True` (`--fsdp`) the base model is sharded across the processes instead:
+`kbitprep.app.sharded_run.ShardedFinetuneRun` changes the load, train and save phases.
 
 A run is a `FinetuneRun`: one method per phase (claim → load → prepare → adapt → train →
 save), each reading and setting the run's state on `self`. Where a new feature goes:
@@ -184,6 +186,10 @@ def run_pipeline(
     `eval_rows` are evaluated during training (`finetune` makes them from --eval-data or
     --eval-fraction).
     """
+    if settings.fsdp:
+        from .sharded_run import ShardedFinetuneRun
+
+        return ShardedFinetuneRun(settings, rows, observer, setup=setup, makes=makes, eval_rows=eval_rows).run()
     return FinetuneRun(settings, rows, observer, setup=setup, makes=makes, eval_rows=eval_rows).run()
 
 
@@ -413,6 +419,10 @@ class FinetuneRun:
         vocab_size = configured_vocab_size(check_model_folder(self.settings.model))
         if vocab_size is not None:  # before loading: another model's tokenizer costs seconds, not a model load
             self.check_token_ids(vocab_size)
+        self.load_model()
+
+    def load_model(self) -> None:
+        """The (quantized) model, whole, on this process's device."""
         device_index = self.args.local_process_index if has_accelerator() else None
         self.model = load_quantized_model(self.settings.model, self.settings.quantize, device_index=device_index,
                                           compute=self.settings.compute_dtype)
@@ -586,11 +596,15 @@ class FinetuneRun:
                              lora_alpha=self.settings.lora_alpha)
         path = self.folder.path
         with atomic_directory(path / ADAPTER_DIR) as staging:
-            self.model.save_pretrained(staging)
+            self.save_adapter(staging)
         title = f"{Path(self.settings.model).name} · {self.settings.quantize} · LoRA r={self.settings.lora_r}"
         atomic_write_bytes(path / LOSS_PLOT, plot_loss(report.loss_history, title, report.eval_history))
         self.folder.finish(report.to_dict())
         self.observer.on_message(f"wrote {path / ADAPTER_DIR}, {path / REPORT}, {path / LOSS_PLOT}")
+
+    def save_adapter(self, directory: Path) -> None:
+        """Write the adapter (peft's safetensors and config) into `directory`."""
+        self.model.save_pretrained(directory)
 
 
 def configured_vocab_size(config: dict[str, Any]) -> int | None:

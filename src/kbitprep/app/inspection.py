@@ -15,6 +15,7 @@ from typing import Any
 
 from ..plan import META_DEVICE, UPCAST_POLICIES, PreparationPlan, plan_preparation
 from .loading import ModelFolderError, check_model_folder, has_weights, load_quantized_model
+from ..sharding import WRAPPERS, ShardingPlan, plan_sharding
 
 __all__ = ["InspectReport", "inspect_model", "without_meta_error"]
 
@@ -30,6 +31,9 @@ class InspectReport:
         architecture (str): the config's model type and architecture.
         plans (dict[str, PreparationPlan]): upcast policy -> plan.
         seconds (float): how long building and planning took.
+        devices (int): processes the run would be sharded over. Default: 1
+        sharding (dict[str, dict[str, ShardingPlan]]): upcast policy -> wrapper ("fsdp2",
+            "fsdp1") -> bytes per process and diagnostics; empty when `devices` is 1. Default: {}
     """
 
     model: str
@@ -38,11 +42,18 @@ class InspectReport:
     architecture: str
     plans: dict[str, PreparationPlan]
     seconds: float
+    devices: int = 1
+    sharding: dict[str, dict[str, ShardingPlan]] = dataclasses.field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"model": self.model, "quantize": self.quantize, "source": self.source,
+        data = {"model": self.model, "quantize": self.quantize, "source": self.source,
                 "architecture": self.architecture, "seconds": round(self.seconds, 3),
                 "plans": {policy: plan.to_dict() for policy, plan in self.plans.items()}}
+        if self.sharding:
+            data["devices"] = self.devices
+            data["sharding"] = {policy: {wrapper: plan.to_dict() for wrapper, plan in by_wrapper.items()}
+                                for policy, by_wrapper in self.sharding.items()}
+        return data
 
 
 def without_meta_error(plan: PreparationPlan) -> PreparationPlan:
@@ -52,13 +63,15 @@ def without_meta_error(plan: PreparationPlan) -> PreparationPlan:
     return dataclasses.replace(plan, diagnostics=tuple(d for d in plan.diagnostics if d.code != META_DEVICE.code))
 
 
-def inspect_model(path: str | os.PathLike[str], *, quantize: str = "nf4", meta: bool = False) -> InspectReport:
+def inspect_model(path: str | os.PathLike[str], *, quantize: str = "nf4", meta: bool = False,
+                  devices: int = 1) -> InspectReport:
     """Plan the preparation of a local model under each upcast policy, changing nothing on disk.
 
     Args:
         path (str | PathLike): the model folder (config.json; weights optional).
         quantize (str): "nf4", "fp4", "int8" or "none". Default: "nf4"
         meta (bool): size from config.json even when weights are present. Default: False
+        devices (int): processes to size a sharded (FSDP) run for; 1 sizes no sharding. Default: 1
 
     Returns:
         InspectReport: the plans.
@@ -82,9 +95,11 @@ def inspect_model(path: str | os.PathLike[str], *, quantize: str = "nf4", meta: 
     plans = {policy: plan_preparation(model, upcast=policy) for policy in UPCAST_POLICIES}
     if source == "meta":
         plans = {policy: without_meta_error(plan) for policy, plan in plans.items()}
+    sharding = {policy: {wrapper: plan_sharding(model, devices, plan=plan, wrapper=wrapper) for wrapper in WRAPPERS}
+                for policy, plan in plans.items()} if devices > 1 else {}
     architectures = config.get("architectures") or [type(model).__name__]
     return InspectReport(
         model=os.fspath(path), quantize=quantize, source=source,
         architecture=f"{config.get('model_type', '?')} ({architectures[0]})",
-        plans=plans, seconds=time.perf_counter() - started,
+        plans=plans, seconds=time.perf_counter() - started, devices=devices, sharding=sharding,
     )

@@ -177,6 +177,8 @@ class FinetuneSettings:
                         group=_TRAINING)
     save_steps: int = setting(50, help="save a checkpoint every N steps", bound=at_least(1), metavar="N",
                               group=_TRAINING)
+    fsdp: bool = setting(False, help="shard the 4-bit base across the torchrun processes with PyTorch's FSDP2 "
+                         "(each holds about 1/N of it); start with torchrun", group=_TRAINING, resume=True)
     resume: bool = setting(False, help="continue the unfinished run in the output folder from its last "
                            "complete checkpoint", conflicts="overwrite")
     overwrite: bool = setting(False, help="replace a finished run in the output folder")

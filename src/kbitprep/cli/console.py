@@ -150,6 +150,28 @@ def render_finetune_report(console: Console, report: FinetuneReport, title: str 
     console.print(table)
 
 
+def _render_sharding(console: Console, report: InspectReport) -> None:
+    """Bytes per process for each upcast policy, then each sharding diagnostic once, with its code."""
+    table = Table(title=f"sharded over {report.devices} processes (finetune --fsdp)", title_justify="left")
+    for column in ("upcast", "parameters, whole", "largest share per process", "share", "whole on each"):
+        table.add_column(column, justify="left" if column == "upcast" else "right")
+    for policy, by_wrapper in report.sharding.items():
+        plan = by_wrapper["fsdp2"]
+        table.add_row(policy, format_bytes(plan.parameter_bytes), format_bytes(plan.largest_share),
+                      f"x{plan.ratio:.3f}", format_bytes(plan.replicated_bytes))
+    console.print(table)
+    seen: set[str] = set()
+    for policy, by_wrapper in report.sharding.items():
+        for wrapper, plan in by_wrapper.items():
+            for diagnostic in plan.diagnostics:
+                if diagnostic.message not in seen:
+                    seen.add(diagnostic.message)
+                    where = "kbitprep --fsdp" if wrapper == "fsdp2" else "flat-parameter FSDP (FSDP1)"
+                    console.print(f"{diagnostic.severity} [{diagnostic.code}] ({policy}, {where}): "
+                                  f"{diagnostic.message}",
+                                  markup=False, highlight=False, style="yellow")
+
+
 def render_inspect_report(console: Console, report: InspectReport) -> None:
     """One table row per upcast policy, then what all policies share."""
     source = "sized from config.json on the meta device, no weights loaded" if report.source == "meta" \
@@ -170,6 +192,8 @@ def render_inspect_report(console: Console, report: InspectReport) -> None:
         table.add_row(policy, str(len(plan.casts)), "+" + format_bytes(plan.bytes_after - plan.bytes_before),
                       format_bytes(plan.bytes_before), format_bytes(plan.bytes_after), f"x{ratio:.3f}")
     console.print(table)
+    if report.sharding:
+        _render_sharding(console, report)
     ckpt = first.checkpointing
     console.print(f"checkpointing: {'on via ' + str(ckpt.method) if ckpt.enabled else 'off (' + ckpt.reason + ')'}",
                   markup=False, highlight=False)

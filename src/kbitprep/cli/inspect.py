@@ -22,11 +22,22 @@ def add_parser(commands: argparse._SubParsersAction) -> argparse.ArgumentParser:
     parser.add_argument("model", metavar="MODEL", help="local model folder (config.json; weights optional)")
     parser.add_argument("--meta", action="store_true",
                         help="size from config.json on the meta device even when weights are present")
+    parser.add_argument("--devices", type=_processes, default=1, metavar="N",
+                        help="also size a run sharded over N processes (finetune --fsdp): bytes per process "
+                             "and what breaks flattening (default: %(default)s, no sharding)")
     parser.add_argument("--json", action="store_true", help="print the plans and the memory estimate as JSON")
     declared = {s.name for s in SETTINGS}
     add_arguments(parser, [name for name in RUN_OPTIONS if name in declared])
     add_memory_options(parser, missing=[name for name in RUN_OPTIONS if name not in declared])
     return parser
+
+
+def _processes(text: str) -> int:
+    """--devices: a whole number of processes, at least 1."""
+    value = int(text) if text.strip().isdigit() else 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, not {text!r}")
+    return value
 
 
 def add_memory_options(parser: argparse.ArgumentParser, missing: list[str]) -> None:
@@ -60,7 +71,7 @@ def run(args: argparse.Namespace, console: Console) -> int:
     from .console import render_inspect_report, render_memory_report
 
     budget = parse_memory_size(args.memory) if args.memory is not None else None  # a typo costs nothing
-    report = inspect_model(args.model, quantize=args.quantize, meta=args.meta)
+    report = inspect_model(args.model, quantize=args.quantize, meta=args.meta, devices=args.devices)
     try:
         memory = plan_memory(args.model, MemorySettings.from_run(args), budget)
     except SimulationError as error:  # the plans stand; only the step's estimate is missing
