@@ -27,6 +27,7 @@ from torch import nn
 
 from .backends import is_plain_tensor
 from .diagnostics import Diagnostic, error_code, warning_code
+from .errors import InvalidArgumentError
 from .plan import PreparationPlan, plan_preparation
 
 __all__ = [
@@ -200,16 +201,16 @@ def plan_sharding(model: nn.Module, processes: int, *, plan: PreparationPlan | N
         ShardingPlan: bytes per process and the diagnostics.
 
     Raises:
-        ValueError: `processes` is below 1, or `wrapper` is not one of `WRAPPERS`.
+        InvalidArgumentError: `processes` is below 1, or `wrapper` is not one of `WRAPPERS` (a ValueError).
 
     Example:
         >>> plan_sharding(build_meta_model("llama-3-70b"), 2).per_process
         (20_352_000_000, 20_352_000_000)
     """
     if isinstance(processes, bool) or not isinstance(processes, int) or processes < 1:
-        raise ValueError(f"processes must be a whole number >= 1, not {processes!r}")
+        raise InvalidArgumentError(f"processes must be a whole number >= 1, not {processes!r}")
     if wrapper not in WRAPPERS:
-        raise ValueError(f"wrapper must be one of {', '.join(WRAPPERS)}, not {wrapper!r}")
+        raise InvalidArgumentError(f"wrapper must be one of {', '.join(WRAPPERS)}, not {wrapper!r}")
     plan = plan or plan_preparation(model, upcast=upcast)
     cast_to = {cast.name: cast.to_dtype for cast in plan.casts}
     units = sharding_units(model)
