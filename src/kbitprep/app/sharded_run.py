@@ -64,6 +64,7 @@ class ShardedFinetuneRun(FinetuneRun):
         rows (Sequence[Row]): the training rows, already read.
         observer (FinetuneObserver | None): receives progress on rank 0. Default: None
         setup (Callable[[Path], object] | None): runs on rank 0 once the folder is claimed. Default: None
+        makes (tuple[str, ...]): names in the run folder that `setup` writes (the demo's base model). Default: ()
         eval_rows (Sequence[Row]): rows to evaluate on; must be empty (no evaluation under --fsdp yet). Default: ()
 
     Raises:
@@ -74,9 +75,10 @@ class ShardedFinetuneRun(FinetuneRun):
     sharding: dict[str, Any]
 
     def __init__(self, settings: FinetuneSettings, rows: Sequence[Row], observer: FinetuneObserver | None = None,
-                 *, setup: Callable[[Path], object] | None = None, eval_rows: Sequence[Row] = ()) -> None:
+                 *, setup: Callable[[Path], object] | None = None, makes: tuple[str, ...] = (),
+                 eval_rows: Sequence[Row] = ()) -> None:
         check_sharded_settings(settings)
-        super().__init__(settings, rows, observer, setup=setup, eval_rows=eval_rows)
+        super().__init__(settings, rows, observer, setup=setup, makes=makes, eval_rows=eval_rows)
 
     def load_model(self) -> None:
         """Load on rank 0, build the skeleton everywhere, prepare and adapt both, shard, fill."""
