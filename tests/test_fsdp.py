@@ -248,7 +248,7 @@ def test_finetune_fsdp_under_torchrun_saves_one_whole_adapter_that_loads_unshard
     report = json.loads((run / "report.json").read_text())
     assert report["world_size"] == 2 and report["steps"] == 4 and report["settings"]["fsdp"] is True
     assert 0.45 <= report["model"]["sharding"]["fraction"] <= 0.55
-    assert sorted(p.name for p in run.iterdir()) == ["adapter", "loss.png", "report.json"]
+    assert sorted(p.name for p in run.iterdir()) == [".kbitprep-manifest.json", "adapter", "loss.png", "report.json"]
     assert result.stdout.count("fine-tuning finished") == 1
 
     # The adapter, saved once and whole, on an unsharded base prepared as the run prepared it.

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from .data import Row
-from .finetune import FinetuneRun
+from .finetune import FinetuneRun, measured_peak
 from .fsdp import FsdpError, adapter_state, load_sharded, prepare_for_sharding, shard_stats
 from .loading import check_model_folder, compute_dtype, load_quantized_model, resolve_compute_dtype
 from .observer import FinetuneObserver
@@ -54,6 +54,15 @@ def check_sharded_settings(settings: FinetuneSettings) -> None:
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
         raise FsdpError("--fsdp runs one process per device under torchrun: start it with "
                         "`torchrun --nproc_per_node N -m kbitprep finetune MODEL DATA --output DIR --fsdp`")
+
+
+class ModelOwnLoss:
+    """The loss plan of a sharded run: the model's own loss (the chunked loss is not in its loop yet)."""
+
+    reason = "--fsdp computes the model's own loss over the full logits"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"loss": "full", "reason": self.reason}
 
 
 class ShardedFinetuneRun(FinetuneRun):
@@ -142,11 +151,15 @@ class ShardedFinetuneRun(FinetuneRun):
         from .sampling import pad_token_id
         from .sharded_training import ShardedTraining
 
+        self.loss_plan = ModelOwnLoss()
+        if self.settings.loss != "full":
+            self.observer.on_message(f"--loss {self.settings.loss}: --fsdp computes the model's own (full) loss")
         training = ShardedTraining(self.model, self.data, self.settings, pad_token_id(self.tokenizer),
                                    self.folder.checkpoints_dir, on_checkpoint=self.folder.mark_checkpoint_complete)
         if self.resume_from is not None:
             training.resume(self.resume_from)
         self.history = training.train(self.observer)
+        self.peak = measured_peak(self.device)
         self.evaluations = []  # no evaluation under --fsdp (check_sharded_settings refuses eval rows)
 
     def measure_after(self) -> None:
