@@ -92,7 +92,7 @@ class Packed4bitLayout:
     nested: tuple[int, str, tuple[int, ...], tuple[int, ...]] | None
 
     @classmethod
-    def of(cls, layer: nn.Module) -> Packed4bitLayout:
+    def of(cls, layer: Any) -> Packed4bitLayout:  # a bnb.nn.Linear4bit (bitsandbytes ships no types)
         """The layout of a quantized `bnb.nn.Linear4bit`."""
         state = layer.weight.quant_state
         nested = None
@@ -142,7 +142,7 @@ class ShardableLinear4bit(nn.Module):
             self.register_buffer("offset", torch.empty((), dtype=torch.float32, device=device))
 
     @classmethod
-    def from_linear4bit(cls, layer: nn.Module) -> nn.Module:
+    def from_linear4bit(cls, layer: Any) -> ShardableLinear4bit:  # layer: a bnb.nn.Linear4bit
         """The same layer, sharing its tensors (no copy)."""
         layout = Packed4bitLayout.of(layer)
         state = layer.weight.quant_state
@@ -418,7 +418,7 @@ def load_sharded(
                         "`torchrun --nproc_per_node N -m kbitprep finetune ... --fsdp`")
     device = torch.device(device) if device is not None else training_device()
     source = _build_source(load, build) if dist.get_rank() == 0 else None
-    shared = [source[1] if source is not None else None]
+    shared: list[Any] = [source[1] if source is not None else None]
     dist.broadcast_object_list(shared, src=0)
     layouts, manifest = shared[0]
     model = build(skeleton())
@@ -431,7 +431,7 @@ def load_sharded(
     return model
 
 
-def _build_source(load: Callable[[], nn.Module], build: Callable[[nn.Module], nn.Module]):
+def _build_source(load: Callable[[], nn.Module], build: Callable[[nn.Module], nn.Module]) -> tuple[Any, Any]:
     model = build(load())
     layouts = swap_4bit_layers(model)
     return model, (layouts, _manifest(model))

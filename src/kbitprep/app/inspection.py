@@ -14,8 +14,8 @@ import time
 from typing import Any
 
 from ..plan import META_DEVICE, UPCAST_POLICIES, PreparationPlan, plan_preparation
-from .loading import ModelFolderError, check_model_folder, has_weights, load_quantized_model
 from ..sharding import WRAPPERS, ShardingPlan, plan_sharding
+from .loading import ModelFolderError, check_model_folder, has_weights, load_quantized_model
 
 __all__ = ["InspectReport", "inspect_model", "without_meta_error"]
 

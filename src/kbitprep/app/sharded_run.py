@@ -19,7 +19,7 @@ import os
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .data import Row
 from .finetune import FinetuneRun, measured_peak
@@ -29,6 +29,9 @@ from .observer import FinetuneObserver
 from .run_report import FinetuneReport
 from .sampling import generate
 from .settings import FinetuneSettings
+
+if TYPE_CHECKING:
+    from torch import nn
 
 __all__ = ["SHARDABLE_QUANTIZE", "ShardedFinetuneRun", "check_sharded_settings"]
 
@@ -102,9 +105,13 @@ class ShardedFinetuneRun(FinetuneRun):
         compute = str(computes_in).removeprefix("torch.")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # bitsandbytes/transformers notes about CPU-only set-ups
-            self.model = load_sharded(lambda: load_quantized_model(settings.model, settings.quantize, compute=compute),
-                                      lambda: build_meta_model(settings.model, quantize=settings.quantize, dtype=stored),
-                                      self.prepare_and_adapt)
+            def load() -> nn.Module:
+                return load_quantized_model(settings.model, settings.quantize, compute=compute)
+
+            def skeleton() -> nn.Module:
+                return build_meta_model(settings.model, quantize=settings.quantize, dtype=stored)
+
+            self.model = load_sharded(load, skeleton, self.prepare_and_adapt)
         self.check_token_ids(self.model.get_input_embeddings().num_embeddings)
         stats = shard_stats(self.model)
         self.sharding = {"processes": self.args.world_size, **stats.to_dict()}
@@ -151,7 +158,7 @@ class ShardedFinetuneRun(FinetuneRun):
         from .sampling import pad_token_id
         from .sharded_training import ShardedTraining
 
-        self.loss_plan = ModelOwnLoss()
+        self.loss_plan = ModelOwnLoss()  # type: ignore[assignment]  # LossPlan's reason/to_dict, no chunks
         if self.settings.loss != "full":
             self.observer.on_message(f"--loss {self.settings.loss}: --fsdp computes the model's own (full) loss")
         training = ShardedTraining(self.model, self.data, self.settings, pad_token_id(self.tokenizer),

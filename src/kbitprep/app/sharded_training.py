@@ -143,7 +143,7 @@ class ShardedTraining:
         self.optimizer.zero_grad(set_to_none=True)
         dist.all_reduce(total)
         self.step += 1
-        self.history.append({"step": self.step, "loss": float(total), "learning_rate": learning_rate})
+        self.history.append({"step": self.step, "loss": float(total), "learning_rate": float(learning_rate)})
         return float(total)
 
     def train(self, observer: Any) -> list[dict[str, float]]:
@@ -198,7 +198,7 @@ class ShardedTraining:
 
         state = torch.load(Path(checkpoint) / TRAINING_STATE, weights_only=False) if self.rank == 0 else None
         adapter = load_adapter_tensors(Path(checkpoint) / ADAPTER, self.model) if self.rank == 0 else None
-        shared = [None if state is None else {k: v for k, v in state.items() if k != "optimizer"}]
+        shared: list[Any] = [None if state is None else {k: v for k, v in state.items() if k != "optimizer"}]
         dist.broadcast_object_list(shared, src=0)
         meta = shared[0]
         if meta["world_size"] != self.world:
@@ -230,7 +230,7 @@ def _set_rng_state(state: dict[str, Any]) -> None:
             getattr(torch, device_type).set_rng_state(device_state)
 
 
-def save_adapter(model: nn.Module, adapter: dict[str, torch.Tensor], directory: Path) -> None:
+def save_adapter(model: Any, adapter: dict[str, torch.Tensor], directory: Path) -> None:
     """Save a PeftModel's adapter from its gathered trainable tensors (rank 0 only)."""
     model.save_pretrained(str(directory), state_dict=adapter)
 
