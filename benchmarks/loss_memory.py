@@ -25,7 +25,6 @@ import argparse
 import dataclasses
 import json
 import statistics
-import sys
 import tempfile
 import time
 from collections.abc import Mapping, Sequence
@@ -43,6 +42,7 @@ from .training import (
     TrainingSettings,
     _reset_peak_rss,
     _rss_bytes,
+    _serve,
     _Worker,
     synthetic_batches,
 )
@@ -263,23 +263,6 @@ def bf16_speed(threads: int | None = 1) -> dict[str, float]:
         torch.set_num_threads(previous)
 
 
-def _serve(run: LossRun, output: Path) -> None:
-    print(_READY, flush=True)
-    for line in sys.stdin:
-        command = line.strip()
-        if command == _STEP:
-            run.step()
-        elif command == _SLOPE:
-            run.slope()
-        elif command == _FINISH:
-            output.write_text(json.dumps(run.figures()), encoding="utf-8")
-        else:
-            raise SystemExit(f"unknown command {command!r}")
-        print(_DONE, flush=True)
-        if command == _FINISH:
-            return
-
-
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="One variant's worker for the loss-memory benchmark.")
     parser.add_argument("--checkpoint", type=Path, required=True)
@@ -289,7 +272,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     fields = json.loads(args.settings)
     settings = LossMemorySettings(**{**fields, "seq_lens": tuple(fields["seq_lens"])})
-    _serve(LossRun(args.checkpoint, args.variant, settings), args.output)
+    run = LossRun(args.checkpoint, args.variant, settings)
+    _serve(run, args.output, {_SLOPE: run.slope})
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -331,13 +331,17 @@ def run_training(config: Mapping[str, Any], variants: Sequence[str], settings: T
     return results
 
 
-def _serve(run: VariantRun, output: Path) -> None:
-    """Answer the lockstep protocol on stdin/stdout until told to finish."""
+def _serve(run: Any, output: Path, extra: Mapping[str, Callable[[], object]] | None = None) -> None:
+    """Answer the lockstep protocol on stdin/stdout until told to finish.
+
+    `run` has `step()` and `figures()`; `extra` maps a worker's own further commands to what they do.
+    """
+    commands: dict[str, Callable[[], object]] = {_STEP: run.step, **(extra or {})}
     print(_READY, flush=True)
     for line in sys.stdin:
         command = line.strip()
-        if command == _STEP:
-            run.step()
+        if command in commands:
+            commands[command]()
         elif command == _FINISH:
             output.write_text(json.dumps(run.figures()), encoding="utf-8")
         else:
