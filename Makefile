@@ -36,9 +36,9 @@ test-fast: install
 bench: install
 	$(BIN)/python benchmarks/run.py
 
-# The finetune options table in docs/cli.md, generated from kbitprep.app.settings.
+# The finetune options table in docs/cli.md, generated from kbitprep.app.config.settings.
 docs: install
-	$(BIN)/python -m kbitprep.app.settings --update docs/cli.md
+	$(BIN)/python -m kbitprep.app.config.settings --update docs/cli.md
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info src/*.egg-info

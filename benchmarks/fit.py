@@ -1,10 +1,10 @@
 """The memory model against measurement: a grid of real `finetune` runs on this CPU.
 
-Each row is a real run of `kbitprep.app.finetune.finetune` (the code `kbitprep finetune`
+Each row is a real run of `kbitprep.app.training.run.finetune` (the code `kbitprep finetune`
 runs: load in 4-bit, prepare, LoRA, the transformers Trainer), two optimizer steps on a
 model with random weights and a file of full-length rows. `finetune` itself records in
 report.json the peak of live tensor bytes from preparation to the end of training
-(every storage counted from its allocation to its release, `kbitprep.app.live_bytes`)
+(every storage counted from its allocation to its release, `kbitprep.app.memory.live_bytes`)
 and the memory model's prediction, made from config.json before the model was loaded.
 The table is those two numbers and the error of the prediction.
 
@@ -128,7 +128,7 @@ class FitGridResult:
 
 def _runnable_losses() -> tuple[str, ...]:
     """The losses both the memory model and `finetune` offer here: "full" always, others where finetune has --loss."""
-    from kbitprep.app.memory import LOSSES
+    from kbitprep.app.memory.estimate import LOSSES
 
     return tuple(name for name in LOSSES if name == "full" or _loss_setting(name))
 
@@ -160,7 +160,7 @@ def _write_rows(path: Path, rows: int, seq_len: int, seed: int) -> Path:
 
 
 def _run_case(case: FitCase, workdir: Path, steps: int) -> tuple[FitRow, str]:
-    from kbitprep.app.finetune import FinetuneSettings, finetune
+    from kbitprep.app.training.run import FinetuneSettings, finetune
 
     started = time.perf_counter()
     model = _write_model(ARCHITECTURES[case.arch], workdir / "model", seed=0)
@@ -182,7 +182,7 @@ def _run_case(case: FitCase, workdir: Path, steps: int) -> tuple[FitRow, str]:
 
 def _loss_setting(loss: str) -> dict[str, str]:
     """The finetune setting that picks the loss, where finetune has one."""
-    from kbitprep.app.finetune import FinetuneSettings
+    from kbitprep.app.training.run import FinetuneSettings
 
     fields = {field.name for field in dataclasses.fields(FinetuneSettings)}
     return {"loss": loss} if "loss" in fields else {}
@@ -255,7 +255,7 @@ def render_fit(result: FitGridResult | None) -> list[str]:
         "## Fit check: the memory model against measurement",
         "",
         "`kbitprep inspect MODEL --seq-len S --batch-size B --lora-r R` predicts a training step's peak from",
-        "config.json alone (`kbitprep.app.memory`: the quantized skeleton on the meta device, prepared and",
+        "config.json alone (`kbitprep.app.memory.estimate`: the quantized skeleton on the meta device, prepared and",
         "adapted as `finetune` does, one training step run on meta tensors). Each row below is a real",
         f"`kbitprep finetune` run on this CPU ({result.steps} optimizer steps, random weights, rows cut to exactly",
         "`--seq-len` tokens, 4-bit NF4 unless the row says int8 or fp4, the Trainer's fused AdamW). `finetune`",

@@ -388,7 +388,7 @@ def _sharded(results: BenchmarkResults) -> list[str]:
         f"## FSDP-QLoRA: the 4-bit base sharded across processes ({sharded.model}, CPU, gloo)",
         "",
         f"{sharded.parameters / 1e6:.0f}M parameters (Llama-3.2-1B's published shape with fewer decoder layers), "
-        "random bf16 weights, loaded in NF4 by `kbitprep.app.fsdp.load_sharded` under `torchrun --nproc_per_node N`",
+        "random bf16 weights, loaded in NF4 by `kbitprep.app.distributed.fsdp.load_sharded` under `torchrun --nproc_per_node N`",
         "exactly as `finetune --fsdp` loads it (rank 0 reads the folder and sends each tensor; every rank keeps",
         "its rows, FSDP2 units per decoder layer plus the root), then one forward/backward step. Parameter bytes",
         "are the rank's local shards (4-bit packed bytes and absmax, bf16 embedding, fp32 norms, LoRA); both",

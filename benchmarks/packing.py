@@ -2,7 +2,7 @@
 
 The same 4-bit model, LoRA and rows train for the same number of optimizer steps, once
 with the rows padded batch by batch (what `finetune` does without `--pack`) and once
-packed into sequences of `seq_len` (`kbitprep.app.packing`). Trained tokens are the
+packed into sequences of `seq_len` (`kbitprep.app.data.packing`). Trained tokens are the
 positions whose label is not -100, counted identically for both; time is the wall time
 of the optimizer steps after a warm-up step. Padding costs compute but trains nothing, so
 the ratio of trained tokens per second is the figure packing exists for.
@@ -99,7 +99,7 @@ def _model(directory: Path) -> torch.nn.Module:
     from transformers import AutoModelForCausalLM
 
     from kbitprep import prepare_model_for_kbit_training
-    from kbitprep.app.loading import load_quantized_model
+    from kbitprep.app.model.loading import load_quantized_model
     from kbitprep.sizing import load_config
 
     torch.manual_seed(0)
@@ -139,8 +139,8 @@ def _figures(batches: Sequence[dict[str, Any]], rounds: list[list[float]]) -> Mo
 
 def measure_packing(settings: PackingSettings | None = None, *, log: Callable[[str], None] = print) -> PackingResult:
     """Train the same rows padded and packed; return both modes' figures."""
-    from kbitprep.app.data import CausalLMCollator
-    from kbitprep.app.packing import check_packing, pack_examples
+    from kbitprep.app.data.rows import CausalLMCollator
+    from kbitprep.app.data.packing import check_packing, pack_examples
 
     settings = settings or PackingSettings()
     threads = torch.get_num_threads()

@@ -3,7 +3,7 @@
 The model is Llama-3.2-1B's published shape cut to 4 of its 16 decoder layers (505M
 parameters: the 262M-parameter embedding, tied to the head, stays whole in shape), saved
 with seeded random bf16 weights. For N = 1 and N = 2 processes (gloo, CPU), `torchrun`
-starts `kbitprep.app.fsdp.load_sharded` exactly as `finetune --fsdp` does (rank 0 loads
+starts `kbitprep.app.distributed.fsdp.load_sharded` exactly as `finetune --fsdp` does (rank 0 loads
 NF4 and sends each tensor; every rank keeps its rows), then runs one forward/backward
 step; each rank reports the bytes of its parameter shards and its peak resident memory.
 
@@ -105,7 +105,7 @@ def measure_sharded(config: Mapping[str, Any] = SHARDED_CONFIG, *, name: str = "
 
 def _inspect_70b(folder: Path) -> dict[str, Any]:
     """`kbitprep inspect --devices 2` on the Llama-3-70B config, in process: seconds and bytes per process."""
-    from kbitprep.app.inspection import inspect_model
+    from kbitprep.app.model.inspection import inspect_model
 
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "config.json").write_text(json.dumps(dict(LLAMA_3_70B_CONFIG)), encoding="utf-8")
@@ -147,9 +147,9 @@ def _worker(checkpoint: str, output: str) -> None:
     import torch.distributed as dist
     from peft import LoraConfig, get_peft_model
 
-    from kbitprep.app.finetune import linear_layer_names
-    from kbitprep.app.fsdp import load_sharded, peak_rss_bytes, prepare_for_sharding, shard_stats
-    from kbitprep.app.loading import check_model_folder, compute_dtype, load_quantized_model
+    from kbitprep.app.training.run import linear_layer_names
+    from kbitprep.app.distributed.fsdp import load_sharded, peak_rss_bytes, prepare_for_sharding, shard_stats
+    from kbitprep.app.model.loading import check_model_folder, compute_dtype, load_quantized_model
     from kbitprep.sizing import build_meta_model
 
     def build(model):

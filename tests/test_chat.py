@@ -13,13 +13,13 @@ from pathlib import Path
 
 import pytest
 
-from kbitprep.app.chat import (
+from kbitprep.app.data.chat import (
     ChatTemplateError,
     check_chat_template,
     read_chat_template,
     tokenize_conversation,
 )
-from kbitprep.app.data import IGNORE_INDEX, DataError, Row, read_jsonl, tokenize_rows
+from kbitprep.app.data.rows import IGNORE_INDEX, DataError, Row, read_jsonl, tokenize_rows
 
 CHATML = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + "
           "'<|im_end|>' + '\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
@@ -183,7 +183,7 @@ def test_bad_chat_rows_name_the_line(tmp_path: Path, rows: list, fragment: str) 
 
 def test_shipped_chat_example_trains_every_answer_with_the_end_of_turn_token() -> None:
     from kbitprep.app.demo import DEMO_CHAT_DATA, DEMO_MODEL
-    from kbitprep.app.loading import load_tokenizer
+    from kbitprep.app.model.loading import load_tokenizer
 
     tokenizer = load_tokenizer(DEMO_MODEL)
     check_chat_template(tokenizer, str(DEMO_MODEL))

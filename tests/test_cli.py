@@ -151,9 +151,9 @@ def test_finetune_prompt_completion_adapter_reloads_with_the_reported_loss(
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     from kbitprep import prepare_model_for_kbit_training
-    from kbitprep.app.data import read_jsonl, tokenize_rows
-    from kbitprep.app.finetune import batch_loss, first_batch
-    from kbitprep.app.loading import load_quantized_model, load_tokenizer
+    from kbitprep.app.data.rows import read_jsonl, tokenize_rows
+    from kbitprep.app.training.run import batch_loss, first_batch
+    from kbitprep.app.model.loading import load_quantized_model, load_tokenizer
 
     report = report_of(finished_run)
     assert report["status"] == "finished" and report["steps"] == 30
@@ -233,7 +233,7 @@ def test_inspect_sizes_a_70b_config_from_config_json_alone(workdir: Path) -> Non
 
 def test_inspect_sizes_each_process_of_a_sharded_70b_run(workdir: Path) -> None:
     """`inspect --devices 2` on the Llama-3-70B config (its time is in benchmarks/, not asserted)."""
-    from kbitprep.app.inspection import inspect_model
+    from kbitprep.app.model.inspection import inspect_model
 
     folder = workdir / "llama-3-70b-sharded"
     folder.mkdir()
@@ -329,7 +329,7 @@ RESUMABLE = ["--max-steps", "120", "--save-steps", "10", "--lora-dropout", "0.1"
 
 @pytest.mark.slow
 def test_sigkill_then_resume_equals_an_uninterrupted_run(workdir: Path, tiny_model: Path, prompt_data: Path) -> None:
-    from kbitprep.app.finetune import FinetuneError, FinetuneSettings, finetune
+    from kbitprep.app.training.run import FinetuneError, FinetuneSettings, finetune
 
     killed = workdir / "killed"
     process = subprocess.Popen([*COMMAND, "finetune", str(tiny_model), str(prompt_data), "--output", str(killed),
@@ -400,7 +400,7 @@ def test_torchrun_two_processes_write_one_adapter(workdir: Path, tiny_model: Pat
 def test_torchrun_on_a_live_folder_fails_at_once_on_every_process(workdir: Path, tiny_model: Path,
                                                                   prompt_data: Path) -> None:
     """The main process takes the lock and answers for all: both processes stop, one error line names the live run."""
-    from kbitprep.app.outputs import RunFolder
+    from kbitprep.app.runs.folder import RunFolder
 
     live = RunFolder(workdir / "ddp-live")
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
@@ -418,7 +418,7 @@ def test_torchrun_on_a_live_folder_fails_at_once_on_every_process(workdir: Path,
 
 def test_debug_shows_the_traceback_instead_of_one_line(workdir: Path, text_data: Path) -> None:
     from kbitprep.cli import main
-    from kbitprep.app.loading import ModelFolderError
+    from kbitprep.app.model.loading import ModelFolderError
 
     missing = workdir / "no-such-model"
     with pytest.raises(ModelFolderError, match="no such model folder"):

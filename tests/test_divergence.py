@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from kbitprep.app.divergence import (
+from kbitprep.app.training.divergence import (
     DivergenceError,
     check_finite_weights,
     divergence_callback,
@@ -59,8 +59,8 @@ def test_a_non_finite_trained_weight_stops_the_run_and_is_never_written() -> Non
 
 
 def test_the_trainer_logs_non_finite_losses_as_they_are(tmp_path) -> None:
-    from kbitprep.app.settings import FinetuneSettings
-    from kbitprep.app.trainer import training_arguments
+    from kbitprep.app.config.settings import FinetuneSettings
+    from kbitprep.app.training.trainer import training_arguments
 
     args = training_arguments(FinetuneSettings(model="m", data="d", output=str(tmp_path)), tmp_path / "checkpoints")
     assert args.logging_nan_inf_filter is False and args.logging_steps == 1

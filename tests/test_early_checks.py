@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from kbitprep.app import data as data_module
-from kbitprep.app.data import DataError, Row, read_jsonl, tokenize_rows
+from kbitprep.app.data import rows as data_module
+from kbitprep.app.data.rows import DataError, Row, read_jsonl, tokenize_rows
 
 
 class Recording:
@@ -34,7 +34,7 @@ def tokenizers(tmp_path: Path) -> dict:
     from conftest import minilm_path
 
     from kbitprep.app.demo import build_tiny_model
-    from kbitprep.app.loading import load_tokenizer
+    from kbitprep.app.model.loading import load_tokenizer
 
     return {"char-level": load_tokenizer(build_tiny_model(tmp_path / "tiny")),
             "wordpiece": load_tokenizer(minilm_path())}
@@ -89,7 +89,7 @@ def test_mostly_unknown_text_is_refused_before_a_model_loads(tmp_path: Path) -> 
 
 def test_model_fingerprint_notices_other_weights(tmp_path: Path) -> None:
     from kbitprep.app.demo import build_tiny_model
-    from kbitprep.app.loading import model_fingerprint
+    from kbitprep.app.model.loading import model_fingerprint
 
     model = build_tiny_model(tmp_path / "tiny")
     before = model_fingerprint(model)

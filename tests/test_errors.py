@@ -53,7 +53,7 @@ def raised_builtins() -> list[str]:
 
     A module's `__getattr__` raising AttributeError is Python's protocol, not an error for
     users; AssertionError marks code that cannot be reached, and SystemExit ends a developer
-    script (`python -m kbitprep.app.settings`).
+    script (`python -m kbitprep.app.config.settings`).
     """
     import ast
     import builtins

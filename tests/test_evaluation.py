@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 from conftest import Zoo
 
-from kbitprep.app.data import IGNORE_INDEX, DataError, Row, TokenizedData
-from kbitprep.app.evaluation import eval_every, evaluate, hold_out
+from kbitprep.app.data.rows import IGNORE_INDEX, DataError, Row, TokenizedData
+from kbitprep.app.training.evaluation import eval_every, evaluate, hold_out
 
 
 def test_hold_out_is_seeded_keeps_file_order_and_leaves_rows_on_both_sides() -> None:
@@ -72,7 +72,7 @@ def test_eval_loss_weights_every_token_alike_and_never_computes_all_logits(zoo: 
 def chat_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The shipped chat example, packed, a fifth held out, evaluated every 5 of 15 steps."""
     from kbitprep.app.demo import DEMO_CHAT_DATA, build_tiny_model
-    from kbitprep.app.finetune import FinetuneSettings, finetune
+    from kbitprep.app.training.run import FinetuneSettings, finetune
 
     root = tmp_path_factory.mktemp("eval-run")
     model = build_tiny_model(root / "model")
@@ -98,9 +98,9 @@ def test_a_packed_chat_run_reports_its_evaluations_and_the_padding_it_saved(chat
 
 
 def test_bad_eval_and_chat_inputs_fail_before_the_run_folder_is_touched(tmp_path: Path) -> None:
-    from kbitprep.app.chat import ChatTemplateError
+    from kbitprep.app.data.chat import ChatTemplateError
     from kbitprep.app.demo import DEMO_CHAT_DATA, DEMO_DATA, build_tiny_model
-    from kbitprep.app.finetune import FinetuneSettings, finetune
+    from kbitprep.app.training.run import FinetuneSettings, finetune
 
     model = str(build_tiny_model(tmp_path / "model"))
     (tmp_path / "plain-model").mkdir()

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from kbitprep.app.outputs import MANIFEST, OWNER
+from kbitprep.app.runs.folder import MANIFEST, OWNER
 
 DRIVER = Path(__file__).with_name("fault_driver.py")
 ALPHABET = "abcdefghijklmnopqrstuvwxyz"

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from conftest import save_tiny_model
-from kbitprep.app.data import IGNORE_INDEX, CausalLMCollator, DataError, Row, read_jsonl, tokenize_rows
-from kbitprep.app.outputs import CHECKPOINT_COMPLETE, RunFolder, RunFolderError, atomic_directory, atomic_write_json
+from kbitprep.app.data.rows import IGNORE_INDEX, CausalLMCollator, DataError, Row, read_jsonl, tokenize_rows
+from kbitprep.app.runs.folder import CHECKPOINT_COMPLETE, RunFolder, RunFolderError, atomic_directory, atomic_write_json
 
 
 class CharTokenizer:
@@ -139,7 +139,7 @@ def test_resume_uses_the_newest_complete_checkpoint(tmp_path: Path) -> None:
 
 def test_model_folder_problems_name_the_file(tmp_path: Path) -> None:
     from kbitprep.app.demo import build_tiny_model
-    from kbitprep.app.loading import ModelFolderError, check_model_folder, load_quantized_model, load_tokenizer
+    from kbitprep.app.model.loading import ModelFolderError, check_model_folder, load_quantized_model, load_tokenizer
 
     model = build_tiny_model(tmp_path / "tiny")
     assert check_model_folder(model)["model_type"] == "llama"
@@ -171,8 +171,8 @@ def test_default_targets_are_the_linear_layers_and_train_a_mixture_of_experts(tm
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig, MixtralConfig
 
     from kbitprep import prepare_model_for_kbit_training, verify_gradient_flow
-    from kbitprep.app.lora import attach_lora, linear_layer_names
-    from kbitprep.app.settings import FinetuneSettings
+    from kbitprep.app.model.lora import attach_lora, linear_layer_names
+    from kbitprep.app.config.settings import FinetuneSettings
 
     config = MixtralConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                            num_attention_heads=4, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2)

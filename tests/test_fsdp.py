@@ -21,9 +21,9 @@ from typing import Any
 import pytest
 import torch
 
-from kbitprep.app.data import CausalLMCollator, read_jsonl, tokenize_rows
-from kbitprep.app.finetune import FinetuneObserver, FinetuneSettings, linear_layer_names
-from kbitprep.app.loading import (
+from kbitprep.app.data.rows import CausalLMCollator, read_jsonl, tokenize_rows
+from kbitprep.app.training.run import FinetuneObserver, FinetuneSettings, linear_layer_names
+from kbitprep.app.model.loading import (
     check_model_folder,
     compute_dtype,
     load_quantized_model,
@@ -47,7 +47,7 @@ def _build(settings: FinetuneSettings):
         from peft import LoraConfig, get_peft_model
         from transformers import set_seed
 
-        from kbitprep.app.fsdp import prepare_for_sharding
+        from kbitprep.app.distributed.fsdp import prepare_for_sharding
 
         prepare_for_sharding(model, upcast=settings.upcast)
         set_seed(settings.seed)
@@ -109,7 +109,7 @@ def _process(rank: int, world: int, worker: Any, args: tuple) -> None:
 
 
 def _load_sharded(settings: FinetuneSettings, device: str):
-    from kbitprep.app.fsdp import load_sharded
+    from kbitprep.app.distributed.fsdp import load_sharded
     from kbitprep.sizing import build_meta_model
 
     dtype = compute_dtype(check_model_folder(settings.model))
@@ -120,13 +120,13 @@ def _load_sharded(settings: FinetuneSettings, device: str):
 
 def _train_two_ways(rank: int, model_dir: Path, out: Path, device: str) -> None:
     """Train 3 steps sharded (recording the bytes each layer computes with), then resume from step 2."""
-    from kbitprep.app.fsdp import (
+    from kbitprep.app.distributed.fsdp import (
         ShardableLinear4bit,
         adapter_state,
         packed_4bit_bytes,
         shard_stats,
     )
-    from kbitprep.app.sharded_training import ShardedTraining
+    from kbitprep.app.distributed.loop import ShardedTraining
 
     settings = _settings(model_dir, out, GLOBAL_BATCH // WORLD)
     model = _load_sharded(settings, device)
@@ -158,7 +158,7 @@ def _train_two_ways(rank: int, model_dir: Path, out: Path, device: str) -> None:
 def _reference(model_dir: Path, out: Path, device: str) -> dict[str, Any]:
     import bitsandbytes as bnb
 
-    from kbitprep.app.sharded_training import MAX_GRAD_NORM, global_order
+    from kbitprep.app.distributed.loop import MAX_GRAD_NORM, global_order
 
     settings = _settings(model_dir, out, GLOBAL_BATCH)
     model = _build(settings)(load_quantized_model(settings.model, "nf4")).to(device)
@@ -236,7 +236,7 @@ def test_finetune_fsdp_under_torchrun_saves_one_whole_adapter_that_loads_unshard
 
     from kbitprep import prepare_model_for_kbit_training
     from kbitprep.app.demo import build_tiny_model
-    from kbitprep.app.sampling import batch_loss, first_batch
+    from kbitprep.app.training.sampling import batch_loss, first_batch
 
     model_dir, run = build_tiny_model(tmp_path / "tiny"), tmp_path / "run"
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",

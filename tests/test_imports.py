@@ -20,7 +20,7 @@ def modules_after_import(module: str) -> set[str]:
     return set(json.loads(done.stdout))
 
 
-@pytest.mark.parametrize("module", ["kbitprep", "kbitprep.app.settings", "kbitprep.app.finetune"])
+@pytest.mark.parametrize("module", ["kbitprep", "kbitprep.app.config.settings", "kbitprep.app.training.run"])
 def test_importing_does_not_pull_peft_matplotlib_or_rich(module: str) -> None:
     loaded = modules_after_import(module)
     assert module in loaded  # the probe itself worked

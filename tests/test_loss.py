@@ -35,7 +35,7 @@ from transformers import (
     Qwen2Config,
 )
 
-from kbitprep.app import loss as loss_module
+from kbitprep import loss as loss_module
 from kbitprep.app.loss import LossInputError, causal_lm_loss, plan_loss
 from kbitprep.precision import override_fast_dtypes
 

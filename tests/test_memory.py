@@ -12,12 +12,12 @@ import pytest
 import torch
 
 import kbitprep
-from kbitprep.app import step_simulation
-from kbitprep.app.live_bytes import LiveBytes, PeakMeter
-from kbitprep.app.loading import load_quantized_model
-from kbitprep.app.lora import attach_lora
-from kbitprep.app.step_simulation import SimulationError
-from kbitprep.app.memory import (MemoryModelError, MemorySettings, TrainingSkeleton, estimate_memory, fit_memory,
+from kbitprep.app.memory import step as step_simulation
+from kbitprep.app.memory.live_bytes import LiveBytes, PeakMeter
+from kbitprep.app.model.loading import load_quantized_model
+from kbitprep.app.model.lora import attach_lora
+from kbitprep.app.memory.step import SimulationError
+from kbitprep.app.memory.estimate import (MemoryModelError, MemorySettings, TrainingSkeleton, estimate_memory, fit_memory,
                                  parse_memory_size)
 from kbitprep.apply import apply_plan
 from kbitprep.cli import main
@@ -70,7 +70,7 @@ def _loss(model: torch.nn.Module, batch: dict, loss: str) -> torch.Tensor:
     """The loss as the Trainer (full) or kbitprep's chunked loss computes it."""
     if loss == "full":
         return model(**batch).loss
-    from kbitprep.app.loss import causal_lm_loss
+    from kbitprep.loss import causal_lm_loss
 
     return causal_lm_loss(model, batch, num_items_in_batch=batch["labels"][:, 1:].numel(), loss=loss)
 

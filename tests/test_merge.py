@@ -25,7 +25,7 @@ import pytest
 import torch
 from conftest import Zoo, attach_lora
 
-from kbitprep.app.merge import MERGE_RECORD, MergeError, dequantize_layers, merge_adapter, merge_run
+from kbitprep.app.export.merge import MERGE_RECORD, MergeError, dequantize_layers, merge_adapter, merge_run
 
 # A process in which peft and bitsandbytes are not installed as far as imports and package
 # metadata can tell: every finder is wrapped so that those two packages are never found.
@@ -114,8 +114,8 @@ def _run_model_logits(run: Path, ids: torch.Tensor) -> torch.Tensor:
     from peft import PeftModel
 
     from kbitprep import prepare_model_for_kbit_training
-    from kbitprep.app.finetune import read_report
-    from kbitprep.app.loading import load_quantized_model
+    from kbitprep.app.training.run import read_report
+    from kbitprep.app.model.loading import load_quantized_model
 
     settings = read_report(run)["settings"]
     base = prepare_model_for_kbit_training(load_quantized_model(settings["model"], settings["quantize"]),
@@ -209,7 +209,7 @@ def test_merge_is_scale_times_b_at_a_on_the_dequantized_weight(finished_run: Pat
     import bitsandbytes as bnb
     from safetensors.torch import load_file
 
-    from kbitprep.app.loading import load_quantized_model
+    from kbitprep.app.model.loading import load_quantized_model
 
     base = load_quantized_model(finished_run / "base-model", "nf4")
     layer = base.model.layers[1].mlp.down_proj
@@ -284,7 +284,7 @@ def test_merge_command_writes_the_chosen_dtype(finished_run: Path, tmp_path: Pat
 
 def test_the_merged_tokenizer_carries_the_runs_chat_template(tmp_path: Path) -> None:
     from kbitprep.app.demo import build_tiny_model
-    from kbitprep.app.merge import _tokenizer, read_finished_run
+    from kbitprep.app.export.merge import _tokenizer, read_finished_run
 
     model = build_tiny_model(tmp_path / "model")
     template = tmp_path / "chat.jinja"

@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 from conftest import Zoo
 
-from kbitprep.app.data import IGNORE_INDEX, CausalLMCollator, Row, tokenize_rows
-from kbitprep.app.packing import (
+from kbitprep.app.data.rows import IGNORE_INDEX, CausalLMCollator, Row, tokenize_rows
+from kbitprep.app.data.packing import (
     PackingError,
     check_packing,
     pack_examples,
@@ -104,7 +104,7 @@ def test_a_packed_batch_gives_each_row_the_loss_it_has_alone(zoo: Zoo, arch: str
 def test_packing_on_the_4bit_model_the_command_trains(tmp_path, single_thread: None) -> None:
     from kbitprep import prepare_model_for_kbit_training
     from kbitprep.app.demo import build_tiny_model
-    from kbitprep.app.loading import load_quantized_model, load_tokenizer
+    from kbitprep.app.model.loading import load_quantized_model, load_tokenizer
 
     folder = build_tiny_model(tmp_path / "tiny")
     model = prepare_model_for_kbit_training(load_quantized_model(folder, "nf4"), upcast="norms").eval()

@@ -112,7 +112,7 @@ def test_four_bit_compute_dtype_in_a_slow_precision_names_bnb_4bit_compute_dtype
 @pytest.mark.parametrize("fast, expected", [({torch.bfloat16}, torch.bfloat16), (set(), torch.float32)],
                          ids=["fast-bf16", "slow-bf16"])
 def test_the_command_picks_the_4bit_compute_dtype_by_the_same_rule(fast, expected):
-    from kbitprep.app.loading import resolve_compute_dtype
+    from kbitprep.app.model.loading import resolve_compute_dtype
 
     config = {"dtype": "bfloat16"}
     with override_fast_dtypes("cpu", fast):

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from kbitprep.app.outputs import (
+from kbitprep.app.runs.folder import (
     BASE_MODEL_DIR,
     INCOMPLETE,
     LOCK,
@@ -165,7 +165,7 @@ def test_leftovers_of_a_killed_write_are_removed_by_the_next_start(tmp_path: Pat
 
 
 def test_atomic_writes_leave_no_temporary_name_when_they_fail(tmp_path: Path, monkeypatch) -> None:
-    from kbitprep.app import outputs
+    from kbitprep.app.runs import folder as outputs
 
     def disk_full(handle, data):
         handle.write(data[:3])
@@ -210,7 +210,7 @@ def test_a_second_run_on_a_live_folder_fails_at_once_naming_the_live_run(tmp_pat
 
 LOCK_AND_SLEEP = textwrap.dedent("""
     import sys, time
-    from kbitprep.app.outputs import RunFolder
+    from kbitprep.app.runs.folder import RunFolder
     folder = RunFolder(sys.argv[1])
     folder.lock()
     print("locked", flush=True)

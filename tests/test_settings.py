@@ -1,6 +1,6 @@
 """The finetune settings are declared once; the parser, validation, resume check, report and docs follow.
 
-Each test holds one derived thing to the declaration in kbitprep.app.settings, so an option
+Each test holds one derived thing to the declaration in kbitprep.app.config.settings, so an option
 added in one place but not another (a parser default repeated by hand, a docs table not
 regenerated, a range the CLI and the library disagree on) fails here.
 """
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from kbitprep.app.settings import (
+from kbitprep.app.config.settings import (
     SETTINGS,
     TABLE_BEGIN,
     TABLE_END,

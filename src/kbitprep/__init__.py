@@ -7,10 +7,10 @@ from .plan import UPCAST_POLICIES, Cast, PreparationPlan, model_bytes, plan_prep
 from .precision import DevicePrecision, compute_dtype_for, computes_fast, device_precision, override_fast_dtypes
 from .verify import GradientFlowReport, verify_gradient_flow
 
-# The chunked loss lives in the application (kbitprep.app.loss) and is imported on first use,
+# The chunked loss lives in the application (kbitprep.loss) and is imported on first use,
 # so that `import kbitprep` stays light; these names are part of the public surface all the same.
 _LAZY = dict.fromkeys(("ChunkedLossMixin", "LossInputError", "LossPlan", "causal_lm_loss", "plan_loss"),
-                      "kbitprep.app.loss")
+                      "kbitprep.loss")
 
 
 def __getattr__(name: str) -> object:

@@ -20,9 +20,9 @@ import shutil
 from importlib import resources
 from pathlib import Path
 
-from .data import read_jsonl
-from .finetune import FinetuneObserver, FinetuneReport, FinetuneSettings, run_pipeline
-from .outputs import BASE_MODEL_DIR, atomic_directory
+from .data.rows import read_jsonl
+from .runs.folder import BASE_MODEL_DIR, atomic_directory
+from .training.run import FinetuneObserver, FinetuneReport, FinetuneSettings, run_pipeline
 
 __all__ = ["DEMO_CHAT_DATA", "DEMO_DATA", "DEMO_MODEL", "build_tiny_model", "demo_settings", "run_demo"]
 

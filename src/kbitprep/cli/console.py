@@ -14,14 +14,14 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from ..app.observer import FinetuneObserver
-from ..app.quiet import without_log_notes
+from ..app.model.quiet import without_log_notes
+from ..app.training.observer import FinetuneObserver
 from ..report import format_bytes, format_count
 
 if TYPE_CHECKING:
-    from ..app.inspection import InspectReport
-    from ..app.memory import MemoryReport
-    from ..app.run_report import FinetuneReport
+    from ..app.memory.estimate import MemoryReport
+    from ..app.model.inspection import InspectReport
+    from ..app.runs.report import FinetuneReport
     from ..plan import PreparationPlan
 
 __all__ = ["RichObserver", "make_consoles", "quiet_third_party", "render_finetune_report", "render_inspect_report",

@@ -6,7 +6,7 @@ import argparse
 
 from rich.console import Console
 
-from ..app.settings import add_arguments
+from ..app.config.settings import add_arguments
 
 HELP = "fine-tune the embedded tiny model on the embedded data set (CPU, well under a minute)"
 DEFAULT_OUTPUT = "kbitprep-demo"

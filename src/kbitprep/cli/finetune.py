@@ -1,6 +1,6 @@
 """`kbitprep finetune MODEL DATA --output DIR`: QLoRA fine-tuning of a local model on a JSONL file.
 
-The options come from the declaration of `FinetuneSettings` (kbitprep.app.settings).
+The options come from the declaration of `FinetuneSettings` (kbitprep.app.config.settings).
 """
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import argparse
 
 from rich.console import Console
 
-from ..app.settings import FinetuneSettings, add_arguments
+from ..app.config.settings import FinetuneSettings, add_arguments
 
 HELP = "fine-tune a local model with QLoRA on a JSONL file; write the adapter, a report and a loss plot"
 
@@ -27,7 +27,7 @@ def add_parser(commands: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace, console: Console) -> int:
-    from ..app.finetune import finetune
+    from ..app.training.run import finetune
     from .console import RichObserver, render_finetune_report
 
     with RichObserver(console) as observer:

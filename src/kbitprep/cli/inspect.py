@@ -7,7 +7,7 @@ import json
 
 from rich.console import Console
 
-from ..app.settings import SETTINGS, add_arguments
+from ..app.config.settings import SETTINGS, add_arguments
 
 # The `finetune` settings that change a training step's memory; inspect takes them as finetune does.
 RUN_OPTIONS = ("quantize", "upcast", "compute_dtype", "lora_r", "lora_dropout", "target_modules", "batch_size",
@@ -42,7 +42,7 @@ def _processes(text: str) -> int:
 
 def add_memory_options(parser: argparse.ArgumentParser, missing: list[str]) -> None:
     """What a step's memory depends on beyond `finetune`'s settings (`missing` of them too), and the budget."""
-    from ..app.memory import COMPUTE_DTYPES, DEVICES, LOSSES, OPTIMIZERS, MemorySettings
+    from ..app.memory.estimate import COMPUTE_DTYPES, DEVICES, LOSSES, OPTIMIZERS, MemorySettings
 
     defaults = MemorySettings()
     group = parser.add_argument_group("training step memory")
@@ -65,9 +65,9 @@ def add_memory_options(parser: argparse.ArgumentParser, missing: list[str]) -> N
 
 
 def run(args: argparse.Namespace, console: Console) -> int:
-    from ..app.inspection import inspect_model
-    from ..app.memory import MemorySettings, parse_memory_size, plan_memory
-    from ..app.step_simulation import SimulationError
+    from ..app.memory.estimate import MemorySettings, parse_memory_size, plan_memory
+    from ..app.memory.step import SimulationError
+    from ..app.model.inspection import inspect_model
     from .console import render_inspect_report, render_memory_report
 
     budget = parse_memory_size(args.memory) if args.memory is not None else None  # a typo costs nothing

@@ -10,7 +10,7 @@ HELP = "merge a finished run's adapter into its dequantized base; write a model 
 
 
 def add_parser(commands: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    from ..app.merge import MERGE_DTYPES
+    from ..app.export.merge import MERGE_DTYPES
 
     parser = commands.add_parser(
         "merge", help=HELP, description=HELP[0].upper() + HELP[1:] + " or bitsandbytes.",
@@ -25,7 +25,7 @@ def add_parser(commands: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace, console: Console) -> int:
-    from ..app.merge import merge_run
+    from ..app.export.merge import merge_run
 
     with console.status("merging"):
         report = merge_run(args.run, args.output, dtype=args.dtype)

@@ -24,7 +24,7 @@ import os
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
-from ..errors import KbitPrepError
+from ...errors import KbitPrepError
 
 __all__ = [
     "IGNORE_INDEX",
@@ -265,7 +265,7 @@ def tokenize_rows(rows: Sequence[Row], tokenizer: Any, seq_len: int, *, source: 
     the same way for every tokenizer, instead of relying on each tokenizer's own
     `add_special_tokens` habits; prompt positions get label -100. `messages` rows are
     rendered with the tokenizer's chat template and trained on the assistant turns only
-    (`kbitprep.app.chat`).
+    (`kbitprep.app.data.chat`).
 
     Raises:
         DataError: no row has a trained token left, or a chat row cannot be rendered.
@@ -357,9 +357,9 @@ def check_token_ids(data: TokenizedData, vocab_size: int, *, tokenizer_source: s
 class CausalLMCollator:
     """Pads a list of examples on the right into `input_ids`, `attention_mask` and `labels` tensors.
 
-    Packed examples (with `position_ids`, from `kbitprep.app.packing`) get `position_ids`
+    Packed examples (with `position_ids`, from `kbitprep.app.data.packing`) get `position_ids`
     instead of an `attention_mask`, and `use_cache=False`: that is how transformers is told
-    to keep the packed rows apart (see `kbitprep.app.packing`). Their padding continues as
+    to keep the packed rows apart (see `kbitprep.app.data.packing`). Their padding continues as
     one more short row of its own.
     """
 

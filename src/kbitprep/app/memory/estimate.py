@@ -5,7 +5,7 @@
                 ──> static bytes, read off the skeleton:
                       quantized weights, quantization state, other frozen weights,
                       fp32 casts, LoRA parameters, optimizer state (OPTIMIZERS)
-                ──> one training step run on meta tensors (kbitprep.app.step_simulation):
+                ──> one training step run on meta tensors (kbitprep.app.memory.step):
                       gradients, activations kept for the backward pass (the inputs of
                       checkpointed layers, what the loss saves), the batch, and the
                       working set of the moment the step peaks (a layer's recompute,
@@ -38,13 +38,13 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from ..errors import KbitPrepError
+from ...errors import KbitPrepError
 from .live_bytes import quantization_state
 from .simulated_loss import LOSSES, simulated_loss
-from .step_simulation import Moment, StepProfile, simulate_step
+from .step import Moment, StepProfile, simulate_step
 
 if TYPE_CHECKING:
-    from ..plan import PreparationPlan
+    from ...plan import PreparationPlan
 
 __all__ = [
     "LOSSES",
@@ -108,14 +108,14 @@ COMPUTE_DTYPES = ("auto", "bfloat16", "float16", "float32")
 
 def _default_device() -> str:
     """Where a run on this machine trains: on its accelerator (as a GPU) when it has one."""
-    from ..device import has_accelerator
+    from ...device import has_accelerator
 
     return "cuda" if has_accelerator() else "cpu"
 
 
 def _run_default(name: str, fallback: Any = None) -> Any:
     """The default of a `kbitprep finetune` setting, from its one declaration (`fallback` where it has none)."""
-    from .settings import SETTINGS
+    from ..config.settings import SETTINGS
 
     return next((s.default for s in SETTINGS if s.name == name), fallback)
 
@@ -159,8 +159,8 @@ class MemorySettings:
 
     def check(self) -> None:
         """Raise `MemoryModelError` naming the first setting that is out of range."""
-        from ..plan import UPCAST_POLICIES
-        from ..sizing import QUANTIZE_CHOICES
+        from ...plan import UPCAST_POLICIES
+        from ...sizing import QUANTIZE_CHOICES
 
         rules = [
             (self.quantize in QUANTIZE_CHOICES, f"quantize must be one of {', '.join(QUANTIZE_CHOICES)}"),
@@ -252,8 +252,8 @@ def matmul_dtype(dtype: torch.dtype, device: str) -> torch.dtype:
     A GPU run planned on a machine without one is taken to run on an Ampere-or-later GPU,
     which computes bf16 and fp16 fast.
     """
-    from ..device import accelerator
-    from ..precision import compute_dtype_for
+    from ...device import accelerator
+    from ...precision import compute_dtype_for
 
     here = accelerator()
     if device != "cpu" and (here is None or here.type != torch.device(device).type):
@@ -268,7 +268,7 @@ def _dtypes(config: Any, settings: MemorySettings) -> tuple[torch.dtype, torch.d
     `--compute-dtype`, or for "auto" the config's dtype where the device computes it fast,
     else float32. A model that is not quantized loads in its compute dtype.
     """
-    from .loading import compute_dtype
+    from ..model.loading import compute_dtype
 
     named = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
     name = str(named).removeprefix("torch.") if named else None
@@ -294,7 +294,7 @@ class TrainingSkeleton:
     """
 
     def __init__(self, model: Any, settings: MemorySettings) -> None:
-        from ..sizing import build_meta_model, load_config
+        from ...sizing import build_meta_model, load_config
 
         settings.check()
         self.settings = settings
@@ -310,9 +310,9 @@ class TrainingSkeleton:
         self.static = self._static_components()
 
     def _prepare(self) -> PreparationPlan:
-        from ..apply import apply_plan
-        from ..plan import plan_preparation
-        from .inspection import without_meta_error
+        from ...apply import apply_plan
+        from ...plan import plan_preparation
+        from ..model.inspection import without_meta_error
 
         plan = without_meta_error(plan_preparation(self.model, upcast=self.settings.upcast,
                                                    use_gradient_checkpointing=self.settings.gradient_checkpointing))
@@ -322,7 +322,7 @@ class TrainingSkeleton:
         return plan
 
     def _adapt(self) -> nn.Module:
-        from .lora import attach_lora
+        from ..model.lora import attach_lora
 
         with torch.device("meta"):  # adapters are made where they live: no host memory, no initialisation cost
             return attach_lora(self.model, self.settings)  # the function `finetune` attaches its adapters with
@@ -333,7 +333,7 @@ class TrainingSkeleton:
 
     def _static_components(self) -> list[MemoryComponent]:
         """The bytes held for the whole run, by kind, each storage once."""
-        from ..backends import is_plain_tensor
+        from ...backends import is_plain_tensor
 
         cast = {c.name for c in self.plan.casts}
         params = {name.removeprefix("base_model.model."): p for name, p in self.model.named_parameters()}

@@ -47,7 +47,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from ..errors import KbitPrepError
+from ...errors import KbitPrepError
 
 __all__ = [
     "ADAPTER_DIR",

@@ -5,8 +5,8 @@ from __future__ import annotations
 import warnings
 from typing import TYPE_CHECKING, Protocol
 
+from ..config.settings import FinetuneError
 from .loading import error_summary
-from .settings import FinetuneError
 
 if TYPE_CHECKING:
     from torch import nn

@@ -12,12 +12,12 @@ from typing import Any
 
 from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments
 
-from ..device import has_accelerator
-from .distributed import barrier
-from .loss import ChunkedLossMixin
+from ...device import has_accelerator
+from ...loss import ChunkedLossMixin
+from ..config.settings import FinetuneSettings
+from ..distributed.processes import barrier
+from ..runs.folder import RunFolder
 from .observer import FinetuneObserver
-from .outputs import RunFolder
-from .settings import FinetuneSettings
 
 __all__ = ["FinetuneTrainer", "RunCallback", "restore_finished", "training_arguments", "training_done"]
 
@@ -115,7 +115,7 @@ def restore_finished(trainer: Trainer, checkpoint: Path) -> None:
     from safetensors.torch import load_file
     from transformers import TrainerState
 
-    from .settings import FinetuneError
+    from ..config.settings import FinetuneError
 
     weights = load_file(checkpoint / "adapter_model.safetensors", device=str(trainer.args.device))
     result = set_peft_model_state_dict(trainer.model, weights)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from .data import CausalLMCollator, TokenizedData
+from ..data.rows import CausalLMCollator, TokenizedData
 
 if TYPE_CHECKING:
     from torch import nn
@@ -23,11 +23,11 @@ def batch_loss(model: nn.Module, batch: dict[str, Any], loss: str = "full") -> f
     Args:
         model (nn.Module): the model.
         batch (dict): input_ids, attention_mask, labels.
-        loss (str): "chunked" or "full" (see `kbitprep.app.loss.causal_lm_loss`); the values agree. Default: "full"
+        loss (str): "chunked" or "full" (see `kbitprep.loss.causal_lm_loss`); the values agree. Default: "full"
     """
     import torch
 
-    from .loss import causal_lm_loss
+    from ...loss import causal_lm_loss
 
     device = next(p.device for p in model.parameters())
     was_training = model.training

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from ..plan import PreparationPlan
+    from ...plan import PreparationPlan
 
 __all__ = ["FinetuneObserver"]
 

@@ -21,8 +21,8 @@ import dataclasses
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from ..errors import InvalidArgumentError, KbitPrepError
-from .data import IGNORE_INDEX
+from ...errors import InvalidArgumentError, KbitPrepError
+from .rows import IGNORE_INDEX
 
 if TYPE_CHECKING:
     from torch import nn
@@ -137,7 +137,7 @@ def check_packing(model: nn.Module, vocab_size: int, *, tolerance: float = 1e-4)
     """
     import torch
 
-    from .data import CausalLMCollator
+    from .rows import CausalLMCollator
 
     generator = torch.Generator().manual_seed(0)
     a, b, c = (torch.randint(1, vocab_size, (n,), generator=generator).tolist() for n in (7, 7, 5))

@@ -23,7 +23,7 @@ import math
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
-from ..errors import KbitPrepError
+from ...errors import KbitPrepError
 
 if TYPE_CHECKING:
     from torch import nn

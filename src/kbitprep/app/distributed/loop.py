@@ -29,8 +29,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..errors import KbitPrepError
-from .data import IGNORE_INDEX, CausalLMCollator, TokenizedData
+from ...errors import KbitPrepError
+from ..data.rows import IGNORE_INDEX, CausalLMCollator, TokenizedData
 from .fsdp import adapter_state
 
 __all__ = ["ShardedTraining", "ShardedTrainingError", "global_order", "rank_batches"]
@@ -67,7 +67,7 @@ class ShardedTraining:
     """Trains the LoRA adapters of a sharded model; one object per run.
 
     Args:
-        model (nn.Module): the model from `kbitprep.app.fsdp.load_sharded`.
+        model (nn.Module): the model from `kbitprep.app.distributed.fsdp.load_sharded`.
         data (TokenizedData): the training examples.
         settings (Any): the run's settings (batch_size, grad_accum, lr, max_steps, epochs,
             seed, save_steps).
@@ -214,7 +214,7 @@ class ShardedTraining:
 
 def _rng_state() -> dict[str, Any]:
     """This process's random state: the CPU generator's and, with an accelerator, its device generator's."""
-    from ..device import accelerator
+    from ...device import accelerator
 
     state: dict[str, Any] = {"cpu": torch.get_rng_state()}
     found = accelerator()

@@ -11,7 +11,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from .outputs import REPORT
+from .folder import REPORT
 
 __all__ = ["FinetuneReport", "loss_history", "package_versions", "read_report"]
 

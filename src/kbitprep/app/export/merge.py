@@ -31,10 +31,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..device import has_accelerator
-from ..errors import KbitPrepError
-from .loading import ModelFolderError, check_model_folder, load_quantized_model, load_tokenizer
-from .outputs import ADAPTER_DIR, INCOMPLETE, REPORT, RunFolder
+from ...device import has_accelerator
+from ...errors import KbitPrepError
+from ..model.loading import ModelFolderError, check_model_folder, load_quantized_model, load_tokenizer
+from ..runs.folder import ADAPTER_DIR, INCOMPLETE, REPORT, RunFolder
 
 if TYPE_CHECKING:
     import torch

@@ -29,8 +29,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from ..errors import ArgumentTypeError
-from .data import IGNORE_INDEX, DataError
+from ...errors import ArgumentTypeError
+from .rows import IGNORE_INDEX, DataError
 
 __all__ = [
     "ChatTemplateError",

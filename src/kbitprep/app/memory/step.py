@@ -1,6 +1,6 @@
 """A training step run on the meta device: every tensor it would allocate, sized, none filled.
 
-The memory model (`kbitprep.app.memory`) builds the quantized skeleton (`kbitprep.sizing`),
+The memory model (`kbitprep.app.memory.estimate`) builds the quantized skeleton (`kbitprep.sizing`),
 prepares it and attaches LoRA with the command's own code, then runs one steady-state
 training step on it under `LiveBytes`: the forward pass, the loss, the backward pass with
 its recomputation. Meta tensors have shapes and dtypes but no data, so the step costs
@@ -35,7 +35,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import KbitPrepError
+from ...errors import KbitPrepError
 from .live_bytes import Allocation, LiveBytes, model_tensors
 
 __all__ = ["SimulationError", "StepProfile", "checkpointed_blocks", "simulate_step"]

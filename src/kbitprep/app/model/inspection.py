@@ -13,8 +13,8 @@ import os
 import time
 from typing import Any
 
-from ..plan import META_DEVICE, UPCAST_POLICIES, PreparationPlan, plan_preparation
-from ..sharding import WRAPPERS, ShardingPlan, plan_sharding
+from ...plan import META_DEVICE, UPCAST_POLICIES, PreparationPlan, plan_preparation
+from ...sharding import WRAPPERS, ShardingPlan, plan_sharding
 from .loading import ModelFolderError, check_model_folder, has_weights, load_quantized_model
 
 __all__ = ["InspectReport", "inspect_model", "without_meta_error"]
@@ -79,7 +79,7 @@ def inspect_model(path: str | os.PathLike[str], *, quantize: str = "nf4", meta: 
     Raises:
         ModelFolderError: the folder or its config.json cannot be used.
     """
-    from ..sizing import build_meta_model
+    from ...sizing import build_meta_model
 
     started = time.perf_counter()
     config = check_model_folder(path, need_weights=False)

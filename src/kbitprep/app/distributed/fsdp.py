@@ -38,8 +38,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..errors import KbitPrepError
-from ..plan import PreparationPlan
+from ...errors import KbitPrepError
+from ...plan import PreparationPlan
 
 __all__ = [
     "FsdpError",
@@ -240,7 +240,7 @@ def _local(tensor: torch.Tensor) -> torch.Tensor:
 def _shard(model: nn.Module, mesh: Any) -> None:
     from torch.distributed.fsdp import fully_shard
 
-    from ..sharding import sharding_units
+    from ...sharding import sharding_units
 
     for unit in sharding_units(model):
         fully_shard(unit, mesh=mesh)
@@ -258,8 +258,8 @@ def prepare_for_sharding(model: nn.Module, *, upcast: str) -> PreparationPlan:
     from autograd. A meta skeleton is prepared like the loaded model (its "weights never
     loaded" error is the point of a skeleton), so both end up with the same structure.
     """
-    from ..apply import apply_plan
-    from ..plan import META_DEVICE, plan_preparation
+    from ...apply import apply_plan
+    from ...plan import META_DEVICE, plan_preparation
 
     plan = plan_preparation(model, upcast=upcast, gradient_checkpointing_kwargs={"use_reentrant": False})
     apply_plan(model, dataclasses.replace(plan, diagnostics=tuple(d for d in plan.diagnostics
@@ -309,7 +309,7 @@ def _send_rows(tensor: torch.Tensor | None, shape: tuple[int, ...], dtype: torch
     The rows are FSDP2's split (`torch.chunk` on dim 0, empty chunks at the end), so no
     rank ever holds more of a parameter than its shard.
     """
-    from ..sharding import chunk_rows
+    from ...sharding import chunk_rows
 
     rank, world = dist.get_rank(), dist.get_world_size()
     if not shape:  # a 0-d parameter: FSDP2 keeps it on the first rank
@@ -449,7 +449,7 @@ def _check_same_model(model: nn.Module, manifest: list) -> None:
 
 def training_device() -> torch.device:
     """Where this process's shards live: its accelerator (by LOCAL_RANK) when there is one, else the CPU."""
-    from ..device import accelerator
+    from ...device import accelerator
 
     found = accelerator()  # one device per process: this one's index is its rank on the node
     return torch.device(found.type, int(os.environ.get("LOCAL_RANK", "0"))) if found is not None else \

@@ -6,14 +6,14 @@
 
 Everything that can be checked before loading a model is checked first (options, the
 model folder, every line of the data), so a typo costs seconds and writes nothing.
-The run folder is managed by `kbitprep.app.outputs`: it is marked INCOMPLETE until the last
+The run folder is managed by `kbitprep.app.runs.folder`: it is marked INCOMPLETE until the last
 file is in place, checkpoints count only once their completeness marker is written, and
 `resume=True` continues from the newest complete one.
 
 The same code runs as one process or under `torchrun --nproc_per_node N` (DDP): the
 Trainer does the distribution, and only the main process writes the run folder's files.
 With `fsdp=True` (`--fsdp`) the base model is sharded across the processes instead:
-`kbitprep.app.sharded_run.ShardedFinetuneRun` changes the load, train and save phases.
+`kbitprep.app.distributed.sharded.ShardedFinetuneRun` changes the load, train and save phases.
 
 A run is a `FinetuneRun`: one method per phase (claim → load → prepare → adapt → train →
 save), each reading and setting the run's state on `self`. Where a new feature goes:
@@ -32,8 +32,10 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..device import has_accelerator
-from .data import (
+from ...device import has_accelerator
+from ..config.settings import FinetuneError, FinetuneSettings
+from ..data.packing import PackedData, check_packing, pack_examples
+from ..data.rows import (
     IGNORE_INDEX,
     CausalLMCollator,
     Row,
@@ -42,11 +44,9 @@ from .data import (
     read_jsonl,
     tokenize_rows,
 )
-from .distributed import barrier, main_decides, start_processes
-from .divergence import check_finite_weights, divergence_callback
-from .evaluation import eval_history
-from .live_bytes import PeakMeter
-from .loading import (
+from ..distributed.processes import barrier, main_decides, start_processes
+from ..memory.live_bytes import PeakMeter
+from ..model.loading import (
     check_model_folder,
     error_summary,
     load_quantized_model,
@@ -54,9 +54,9 @@ from .loading import (
     model_fingerprint,
     resolve_compute_dtype,
 )
-from .lora import attach_lora, linear_layer_names
-from .observer import FinetuneObserver
-from .outputs import (
+from ..model.lora import attach_lora, linear_layer_names
+from ..model.quiet import without_log_notes
+from ..runs.folder import (
     ADAPTER_DIR,
     LOSS_PLOT,
     REPORT,
@@ -69,19 +69,19 @@ from .outputs import (
     explain_write_failure,
     file_fingerprint,
 )
-from .packing import PackedData, check_packing, pack_examples
-from .plotting import plot_loss
-from .quiet import without_log_notes
-from .run_report import FinetuneReport, loss_history, package_versions, read_report
+from ..runs.plot import plot_loss
+from ..runs.report import FinetuneReport, loss_history, package_versions, read_report
+from .divergence import check_finite_weights, divergence_callback
+from .evaluation import eval_history
+from .observer import FinetuneObserver
 from .sampling import batch_loss, first_batch, generate, pad_token_id
-from .settings import FinetuneError, FinetuneSettings
 
 if TYPE_CHECKING:
     import torch
     from transformers import TrainerCallback, TrainingArguments
 
-    from ..plan import PreparationPlan
-    from .loss import LossPlan
+    from ...loss import LossPlan
+    from ...plan import PreparationPlan
 
 __all__ = [
     "FinetuneError",
@@ -139,7 +139,7 @@ def evaluation_rows(settings: FinetuneSettings, rows: Sequence[Row]) -> tuple[li
         DataError: the evaluation file is bad, holds rows of another kind than DATA, or
             DATA has too few rows to hold some out.
     """
-    from .data import DataError
+    from ..data.rows import DataError
     from .evaluation import hold_out
 
     if settings.eval_fraction is not None:
@@ -159,7 +159,7 @@ def check_chat_rows(settings: FinetuneSettings, rows: Sequence[Row]) -> None:
     Raises:
         ChatTemplateError: naming the fix (`--chat-template FILE`).
     """
-    from .chat import check_chat_template, read_chat_template
+    from ..data.chat import check_chat_template, read_chat_template
 
     template = read_chat_template(settings.chat_template) if settings.chat_template else None
     if rows and rows[0].kind == "messages":
@@ -187,7 +187,7 @@ def run_pipeline(
     --eval-fraction).
     """
     if settings.fsdp:
-        from .sharded_run import ShardedFinetuneRun
+        from ..distributed.sharded import ShardedFinetuneRun
 
         return ShardedFinetuneRun(settings, rows, observer, setup=setup, makes=makes, eval_rows=eval_rows).run()
     return FinetuneRun(settings, rows, observer, setup=setup, makes=makes, eval_rows=eval_rows).run()
@@ -330,7 +330,7 @@ class FinetuneRun:
 
         The estimate is advice: a model it cannot size still trains, and report.json says why.
         """
-        from .memory import MemorySettings, estimate_memory
+        from ..memory.estimate import MemorySettings, estimate_memory
 
         try:  # the settings' device defaults to where this run trains
             estimate = estimate_memory(self.settings.model, MemorySettings.from_run(self.settings))
@@ -405,7 +405,7 @@ class FinetuneRun:
         self.resume_from = self.resume_point() if self.settings.resume else None
         self.tokenizer = load_tokenizer(self.settings.model)
         if self.settings.chat_template:
-            from .chat import read_chat_template
+            from ..data.chat import read_chat_template
 
             self.tokenizer.chat_template = read_chat_template(self.settings.chat_template)
         self.data = tokenize_rows(self.rows, self.tokenizer, self.settings.seq_len, source=self.settings.data)
@@ -458,9 +458,9 @@ class FinetuneRun:
 
     def prepare(self) -> None:
         """Plan the preparation (the observer sees the plan) and apply it."""
-        from ..apply import apply_plan
-        from ..errors import NotQuantizedWarning
-        from ..plan import SLOW_HEAD_PRECISION, plan_preparation
+        from ...apply import apply_plan
+        from ...errors import NotQuantizedWarning
+        from ...plan import SLOW_HEAD_PRECISION, plan_preparation
 
         self.plan = plan_preparation(self.model, upcast=self.settings.upcast)
         if self.settings.loss == "chunked":  # the chunked loss computes the head in the device's fast precision
@@ -508,7 +508,7 @@ class FinetuneRun:
         A run killed after its last step resumes from a checkpoint of that step; the Trainer
         would train one step more, so the weights and the log are taken from it as they are.
         """
-        from .loss import plan_loss
+        from ...loss import plan_loss
         from .trainer import FinetuneTrainer, restore_finished, training_done
 
         self.loss_plan = plan_loss(self.model, self.settings.loss)

@@ -16,8 +16,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..device import accelerator, has_accelerator
-from ..errors import KbitPrepError
+from ...device import accelerator, has_accelerator
+from ...errors import KbitPrepError
 
 if TYPE_CHECKING:
     import torch
@@ -121,7 +121,7 @@ def check_weight_shapes(model_dir: str | os.PathLike[str]) -> None:
     """
     from safetensors import safe_open
 
-    from ..sizing import build_meta_model
+    from ...sizing import build_meta_model
 
     files = sorted(Path(model_dir).glob("*.safetensors"))
     if not files:
@@ -199,7 +199,7 @@ def resolve_compute_dtype(config: dict[str, Any], choice: str = "auto",
     """
     import torch
 
-    from ..precision import compute_dtype_for
+    from ...precision import compute_dtype_for
 
     if choice != "auto":
         return getattr(torch, choice)
@@ -239,7 +239,7 @@ def load_quantized_model(model_dir: str | os.PathLike[str], quantize: str, *,
     import torch
     from transformers import AutoModelForCausalLM
 
-    from ..sizing import bnb_config_for
+    from ...sizing import bnb_config_for
 
     config = check_model_folder(model_dir)
     accel = accelerator()
@@ -271,7 +271,7 @@ def load_quantized_model(model_dir: str | os.PathLike[str], quantize: str, *,
                                "shard missing?) or belong to another model: save or download them again")
     for record in reports:  # not replaced by an error: the user still sees what transformers reported
         logging.getLogger(record.name).handle(record)
-    from ..apply import keep_training_layout
+    from ...apply import keep_training_layout
 
     return keep_training_layout(model)
 

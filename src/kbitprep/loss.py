@@ -44,8 +44,8 @@ from typing import Any, cast
 import torch
 from torch import nn
 
-from ..errors import KbitPrepError
-from ..precision import compute_dtype_for, device_precision
+from .errors import KbitPrepError
+from .precision import compute_dtype_for, device_precision
 
 __all__ = [
     "BACKWARD_CHOICES",

@@ -8,7 +8,7 @@ optimizer steps, and after the last, the model computes its loss on all of them:
                                                             whatever the batch it falls in)
     perplexity = exp(eval loss)
 
-Each batch goes through `kbitprep.app.loss.causal_lm_loss`, the memory-lean loss training
+Each batch goes through `kbitprep.loss.causal_lm_loss`, the memory-lean loss training
 uses: only positions with a label reach the LM head, in chunks, so no (tokens x
 vocabulary) logits tensor of a batch, let alone of the eval set, ever exists. The figures
 go into the Trainer's log history (so a checkpoint keeps them and a resumed run carries
@@ -22,7 +22,7 @@ import random
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, cast
 
-from .data import IGNORE_INDEX, CausalLMCollator, DataError, Row, TokenizedData
+from ..data.rows import IGNORE_INDEX, CausalLMCollator, DataError, Row, TokenizedData
 from .observer import FinetuneObserver
 
 if TYPE_CHECKING:
@@ -71,7 +71,7 @@ def evaluate(model: nn.Module, data: TokenizedData, batch_size: int, pad_token_i
     """
     import torch
 
-    from .loss import causal_lm_loss
+    from ...loss import causal_lm_loss
 
     collate = CausalLMCollator(pad_token_id)
     device = next(p.device for p in model.parameters())

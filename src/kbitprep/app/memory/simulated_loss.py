@@ -3,7 +3,7 @@
 "full" is the transformers model's own loss: it runs on meta tensors as it is (the full
 logits, their fp32 copy, the log-softmax and, in the backward pass, their gradients).
 
-"chunked" is `kbitprep.app.loss` (`causal_lm_loss`), which cannot run on meta tensors as
+"chunked" is `kbitprep.loss` (`causal_lm_loss`), which cannot run on meta tensors as
 it is: it probes the model with real numbers to learn what it does to its logits, and
 selects the trained positions by their labels' values. Its memory is reproduced from what
 it declares instead: the model runs up to the LM head (which receives no positions, as the
@@ -38,7 +38,7 @@ def _unwrap(model: nn.Module) -> Any:  # a transformers model: typed loosely, it
 
 def _logit_transform(config: Any) -> str:
     """The name of the first `LOGIT_TRANSFORMS` row whose config attributes are all set ("none" at worst)."""
-    from .loss import LOGIT_TRANSFORMS
+    from ...loss import LOGIT_TRANSFORMS
 
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     for row in LOGIT_TRANSFORMS:
@@ -57,9 +57,9 @@ def chunked_loss_plan(model: nn.Module, device: str, backward: str = "fused") ->
     and the chunk size that follows (`CHUNK_LOGITS` values of logits, at least
     `AMORTIZE_TOKENS` positions when the head is re-read per chunk).
     """
-    from ..backends import is_plain_tensor
-    from .loss import AMORTIZE_TOKENS, CHUNK_LOGITS, WEIGHT_PIECE, LossPlan
-    from .memory import matmul_dtype
+    from ...backends import is_plain_tensor
+    from ...loss import AMORTIZE_TOKENS, CHUNK_LOGITS, WEIGHT_PIECE, LossPlan
+    from .estimate import matmul_dtype
 
     lm = _unwrap(model)
     head = lm.get_output_embeddings()
@@ -107,7 +107,7 @@ class _Chunks(torch.autograd.Function):
 
 
 def _transform(plan: Any, config: Any) -> Callable[[torch.Tensor], torch.Tensor] | None:
-    from .loss import LOGIT_TRANSFORMS
+    from ...loss import LOGIT_TRANSFORMS
 
     if plan.logits_transform == "none":
         return None
@@ -118,7 +118,7 @@ def _transform(plan: Any, config: Any) -> Callable[[torch.Tensor], torch.Tensor]
 
 def _one_chunk(plan: Any, head: nn.Module, config: Any, selected: torch.Tensor, targets: torch.Tensor, *,
                grad: bool) -> None:
-    """The first chunk, computed as `kbitprep.app.loss` computes each chunk: the peak of any one of them."""
+    """The first chunk, computed as `kbitprep.loss` computes each chunk: the peak of any one of them."""
     rows = slice(0, plan.chunk_tokens)
     h, wanted = selected[rows], targets[rows]
     base: Any = getattr(head, "base_layer", head)

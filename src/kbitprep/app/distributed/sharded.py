@@ -4,7 +4,7 @@ The phases are the one-process run's, changed where sharding changes them::
 
     claim ─> load: rank 0 loads the model, every rank builds its skeleton on the meta
              device; both go through the same prepare and adapt steps, then FSDP2 shards
-             the skeleton and rank 0 fills it (`kbitprep.app.fsdp.load_sharded`)
+             the skeleton and rank 0 fills it (`kbitprep.app.distributed.fsdp.load_sharded`)
           ─> measure (on every rank: FSDP gathers each unit collectively)
           ─> train: `ShardedTraining` (one process's numbers on the same global batch)
           ─> save: the adapter gathered whole, written once by rank 0
@@ -21,14 +21,14 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .data import Row
-from .finetune import FinetuneRun, measured_peak
+from ..config.settings import FinetuneSettings
+from ..data.rows import Row
+from ..model.loading import check_model_folder, compute_dtype, load_quantized_model, resolve_compute_dtype
+from ..runs.report import FinetuneReport
+from ..training.observer import FinetuneObserver
+from ..training.run import FinetuneRun, measured_peak
+from ..training.sampling import generate
 from .fsdp import FsdpError, adapter_state, load_sharded, prepare_for_sharding, shard_stats
-from .loading import check_model_folder, compute_dtype, load_quantized_model, resolve_compute_dtype
-from .observer import FinetuneObserver
-from .run_report import FinetuneReport
-from .sampling import generate
-from .settings import FinetuneSettings
 
 if TYPE_CHECKING:
     from torch import nn
@@ -94,7 +94,7 @@ class ShardedFinetuneRun(FinetuneRun):
 
     def load_model(self) -> None:
         """Load on rank 0, build the skeleton everywhere, prepare and adapt both, shard, fill."""
-        from ..sizing import build_meta_model
+        from ...sizing import build_meta_model
         from .fsdp import training_device
 
         settings = self.settings
@@ -122,7 +122,7 @@ class ShardedFinetuneRun(FinetuneRun):
 
     def prepare_and_adapt(self, model: Any) -> Any:
         """The prepare and adapt phases on one model: rank 0's loaded one, or any rank's skeleton."""
-        from ..errors import NotQuantizedWarning
+        from ...errors import NotQuantizedWarning
 
         reporting = self.observer
         if next(model.parameters()).device.type == "meta":
@@ -155,8 +155,8 @@ class ShardedFinetuneRun(FinetuneRun):
 
     def train(self) -> None:
         """Train with `ShardedTraining`, from the resume checkpoint if there is one."""
-        from .sampling import pad_token_id
-        from .sharded_training import ShardedTraining
+        from ..training.sampling import pad_token_id
+        from .loop import ShardedTraining
 
         self.loss_plan = ModelOwnLoss()  # type: ignore[assignment]  # LossPlan's reason/to_dict, no chunks
         if self.settings.loss != "full":
@@ -179,6 +179,6 @@ class ShardedFinetuneRun(FinetuneRun):
         return report
 
     def save_adapter(self, directory: Path) -> None:
-        from .sharded_training import save_adapter
+        from .loop import save_adapter
 
         save_adapter(self.model, self.adapter, directory)

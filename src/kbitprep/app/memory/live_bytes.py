@@ -9,7 +9,7 @@ CUDA context or kernel scratch space.
 
 The same counter runs a real CPU training step (the measurement `finetune` records and
 the fit benchmark checks) and a step on the meta device, where nothing is allocated but
-every storage still has its size (the memory model, `kbitprep.app.memory`). With
+every storage still has its size (the memory model, `kbitprep.app.memory.estimate`). With
 `record=True` it also keeps a log of allocations and frees, tagged with the phase the
 caller names (`LiveBytes.phase`), from which the live set at the peak is rebuilt.
 """

@@ -1,0 +1,1 @@
+"""The rows people train on: reading data files, chat conversations, tokenizing, packing."""

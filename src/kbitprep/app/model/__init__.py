@@ -1,0 +1,1 @@
+"""The model a run trains: loading (quantized), LoRA, the inspect plan, quieting known library notes."""
