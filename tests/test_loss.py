@@ -36,7 +36,7 @@ from transformers import (
 )
 
 from kbitprep import loss as loss_module
-from kbitprep.app.loss import LossInputError, causal_lm_loss, plan_loss
+from kbitprep.loss import LossInputError, causal_lm_loss, plan_loss
 from kbitprep.precision import override_fast_dtypes
 
 _SMALL = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
@@ -223,6 +223,27 @@ def test_half_precision_head_computes_in_the_device_fast_precision(fast, small_c
     # Upcast, the loss is the oracle's to fp32 precision; the gradients pass through a bf16
     # body, where a difference in the last fp32 bit can flip a bf16 rounding: bf16's tolerance.
     torch.testing.assert_close(chunked[0], reference[0], rtol=3e-2 if fast else 1e-6, atol=0)
+    assert_same(reference, chunked, rtol=3e-2)
+
+
+def test_a_slow_bf16_head_that_fits_one_piece_is_upcast_whole(single_thread):
+    """Where bf16 is slow and the whole head fits one piece, forward and backward upcast it whole.
+
+    The default piece size holds this tiny head in one piece: the path `kbitprep demo` takes
+    on an AVX2-only CPU (it once failed there with "expected m1 and m2 to have the same dtype").
+    """
+    model = tiny_model("llama").to(torch.bfloat16)
+    oracle = copy.deepcopy(model)
+    oracle.lm_head = _Fp32Head(oracle.lm_head.weight)
+    model, oracle = with_lora(model), with_lora(oracle)
+    batch = masked_batch(128)
+    with override_fast_dtypes("cpu", set()):
+        plan = plan_loss(model)
+        chunked = chunked_step(model, batch)
+    assert plan.compute_dtype == "float32" and plan.weight_rows is not None
+    assert plan.weight_rows >= model.get_output_embeddings().weight.shape[0]
+    reference = reference_step(oracle, batch)
+    torch.testing.assert_close(chunked[0], reference[0], rtol=1e-6, atol=0)
     assert_same(reference, chunked, rtol=3e-2)
 
 
@@ -413,7 +434,7 @@ def test_trainer_mixin_trains_as_the_trainer_does_with_gradient_accumulation(sma
     """Two optimizer steps of plain SGD, 2 micro-batches each with different numbers of trained tokens."""
     from transformers import Trainer
 
-    from kbitprep.app.loss import ChunkedLossMixin
+    from kbitprep.loss import ChunkedLossMixin
 
     class ChunkedTrainer(ChunkedLossMixin, Trainer):
         pass
@@ -432,8 +453,8 @@ def test_trainer_mixin_trains_as_the_trainer_does_with_gradient_accumulation(sma
 
 def test_public_names_load_lazily_and_import_kbitprep_stays_light():
     code = ("import sys, kbitprep\n"
-            "assert 'kbitprep.app.loss' not in sys.modules\n"
-            "assert kbitprep.causal_lm_loss.__module__ == 'kbitprep.app.loss' and kbitprep.ChunkedLossMixin\n"
+            "assert 'kbitprep.loss' not in sys.modules\n"
+            "assert kbitprep.causal_lm_loss.__module__ == 'kbitprep.loss' and kbitprep.ChunkedLossMixin\n"
             "heavy = {'peft', 'matplotlib', 'rich'} & set(sys.modules)\n"
             "assert not heavy, heavy\n")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}

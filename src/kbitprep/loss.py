@@ -542,7 +542,7 @@ def _linear_backward(run: _Run, tensors: _Tensors, grads: _Grads, h: torch.Tenso
     x = h.detach().to(dtype)
     if run.weight_rows >= weight.shape[0]:
         if grads.hidden is not None:
-            grads.hidden[rows] = grad_logits.to(dtype) @ weight
+            grads.hidden[rows] = grad_logits.to(dtype) @ weight.to(dtype)
         if grad_weight is not None:
             grad_weight.addmm_(grad_logits.t(), x.float())
         return
