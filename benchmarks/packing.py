@@ -139,7 +139,7 @@ def _figures(batches: Sequence[dict[str, Any]], rounds: list[list[float]]) -> Mo
 
 def measure_packing(settings: PackingSettings | None = None, *, log: Callable[[str], None] = print) -> PackingResult:
     """Train the same rows padded and packed; return both modes' figures."""
-    from kbitprep.app.data.rows import CausalLMCollator
+    from kbitprep.app.data.tokenize import CausalLMCollator
     from kbitprep.app.data.packing import check_packing, pack_examples
 
     settings = settings or PackingSettings()

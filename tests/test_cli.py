@@ -151,7 +151,8 @@ def test_finetune_prompt_completion_adapter_reloads_with_the_reported_loss(
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     from kbitprep import prepare_model_for_kbit_training
-    from kbitprep.app.data.rows import read_jsonl, tokenize_rows
+    from kbitprep.app.data.rows import read_jsonl
+    from kbitprep.app.data.tokenize import tokenize_rows
     from kbitprep.app.training.run import batch_loss, first_batch
     from kbitprep.app.model.loading import load_quantized_model, load_tokenizer
 

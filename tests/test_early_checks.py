@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from kbitprep.app.data import rows as data_module
-from kbitprep.app.data.rows import DataError, Row, read_jsonl, tokenize_rows
+from kbitprep.app.data.rows import DataError, Row, read_jsonl
+from kbitprep.app.data.tokenize import tokenize_rows
 
 
 class Recording:

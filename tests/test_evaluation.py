@@ -17,7 +17,8 @@ import torch
 import torch.nn.functional as F
 from conftest import Zoo
 
-from kbitprep.app.data.rows import IGNORE_INDEX, DataError, Row, TokenizedData
+from kbitprep.app.data.rows import IGNORE_INDEX, DataError, Row
+from kbitprep.app.data.tokenize import TokenizedData
 from kbitprep.app.training.evaluation import eval_every, evaluate, hold_out
 
 

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from conftest import save_tiny_model
-from kbitprep.app.data.rows import IGNORE_INDEX, CausalLMCollator, DataError, Row, read_jsonl, tokenize_rows
+from kbitprep.app.data.rows import IGNORE_INDEX, DataError, Row, read_jsonl
+from kbitprep.app.data.tokenize import CausalLMCollator, tokenize_rows
 from kbitprep.app.runs.folder import CHECKPOINT_COMPLETE, RunFolder, RunFolderError, atomic_directory, atomic_write_json
 
 

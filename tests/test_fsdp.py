@@ -21,7 +21,8 @@ from typing import Any
 import pytest
 import torch
 
-from kbitprep.app.data.rows import CausalLMCollator, read_jsonl, tokenize_rows
+from kbitprep.app.data.rows import read_jsonl
+from kbitprep.app.data.tokenize import CausalLMCollator, tokenize_rows
 from kbitprep.app.training.run import FinetuneObserver, FinetuneSettings, linear_layer_names
 from kbitprep.app.model.loading import (
     check_model_folder,

@@ -15,7 +15,8 @@ import torch
 import torch.nn.functional as F
 from conftest import Zoo
 
-from kbitprep.app.data.rows import IGNORE_INDEX, CausalLMCollator, Row, tokenize_rows
+from kbitprep.app.data.rows import IGNORE_INDEX, Row
+from kbitprep.app.data.tokenize import CausalLMCollator, tokenize_rows
 from kbitprep.app.data.packing import (
     PackingError,
     check_packing,

@@ -3,10 +3,17 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import Protocol
 
-if TYPE_CHECKING:
-    from .diagnostics import Diagnostic
+
+class Problem(Protocol):
+    """What an error reports about each problem: a `kbitprep.diagnostics.Diagnostic` is one."""
+
+    @property
+    def code(self) -> str: ...
+
+    @property
+    def message(self) -> str: ...
 
 
 class KbitPrepError(Exception):
@@ -40,10 +47,10 @@ class PreparationError(KbitPrepError, ValueError):
 
     Args:
         headline (str): what happened, e.g. "cannot prepare the model; nothing was changed".
-        problems (Sequence[Diagnostic]): the errors found, each with its code.
+        problems (Sequence[Problem]): the errors found (diagnostics), each with its code.
     """
 
-    def __init__(self, headline: str, problems: Sequence[Diagnostic] = ()) -> None:
+    def __init__(self, headline: str, problems: Sequence[Problem] = ()) -> None:
         self.headline = headline
         self.problems = tuple(problems)
         super().__init__("\n- ".join(self.lines()))

@@ -42,6 +42,7 @@ from .checkpointing import CheckpointingPlan, plan_checkpointing, validate_check
 from .diagnostics import Diagnostic, error_code, warning_code
 from .errors import ArgumentTypeError, InvalidArgumentError, NotQuantizedWarning
 from .precision import SlowLayer, device_precision, slow_layers
+from .report import format_bytes, format_count
 
 __all__ = [
     "HALF_DTYPES",
@@ -246,8 +247,6 @@ class PreparationPlan:
         }
 
     def __str__(self) -> str:
-        from .report import format_plan
-
         return format_plan(self)
 
 
@@ -470,3 +469,48 @@ def plan_preparation(
         checkpointing=checkpointing.plan,
         diagnostics=tuple(diagnostics),
     )
+
+
+_MAX_CAST_ROWS = 12
+
+
+def format_plan(plan: PreparationPlan) -> str:
+    """A plan as a two-column table, with the casts listed underneath (`str(plan)`). It only reads the plan."""
+    counts = plan.parameter_counts
+    ratio = plan.bytes_after / plan.bytes_before if plan.bytes_before else 1.0
+    ckpt = plan.checkpointing
+    if ckpt.enabled:
+        extras = [f"kwargs {dict(ckpt.kwargs)}"]
+        if ckpt.every_n_layers != 1:
+            extras.append(f"every {ckpt.every_n_layers} layers")
+        if ckpt.offload:
+            extras.append("offloaded to host")
+        extras.append("input-grad hook" if ckpt.input_grad_hook else "no input-grad hook")
+        checkpointing = f"on via {ckpt.method}, " + ", ".join(extras)
+    else:
+        checkpointing = f"off ({ckpt.reason})"
+    rows = [
+        ("quantization", f"{plan.quantization or 'none'} ({plan.detection.evidence})"),
+        ("parameters", " | ".join(f"{kind} {format_count(n)}" for kind, n in counts.items())),
+        ("frozen", f"{len(plan.frozen)} parameter tensors"
+                   + (f"; {len(plan.kept_trainable)} kept trainable" if plan.kept_trainable else "")),
+        ("upcast", plan.cast_reason),
+        ("casts", f"{len(plan.casts)} parameters, +{format_bytes(sum(c.bytes_added for c in plan.casts))}"),
+        ("bytes", f"{format_bytes(plan.bytes_before)} -> {format_bytes(plan.bytes_after)} (x{ratio:.3f})"),
+        ("checkpointing", checkpointing),
+    ]
+    if plan.training_layout:
+        rows.append(plan.detection.behaviour.describe_training_layout(plan.training_layout))
+    rows += [("warning", message) for message in plan.warnings]
+    rows += [("error", message) for message in plan.errors]
+    width = max(len(key) for key, _ in rows)
+    lines = ["kbitprep preparation plan"] + [f"  {key:<{width}}  {value}" for key, value in rows]
+    if plan.casts:
+        name_width = min(60, max(len(cast.name) for cast in plan.casts))
+        lines.append(f"  {'':<{width}}  {'parameter':<{name_width}}  {'from':<9} {'to':<8} {'added':>11}")
+        for cast in plan.casts[:_MAX_CAST_ROWS]:
+            lines.append(f"  {'':<{width}}  {cast.name:<{name_width}}  {str(cast.from_dtype)[6:]:<9} "
+                         f"{str(cast.to_dtype)[6:]:<8} {'+' + format_bytes(cast.bytes_added):>11}")
+        if len(plan.casts) > _MAX_CAST_ROWS:
+            lines.append(f"  {'':<{width}}  ... and {len(plan.casts) - _MAX_CAST_ROWS} more (to_dict() lists all)")
+    return "\n".join(lines)

@@ -40,6 +40,7 @@ __all__ = [
     "computes_fast",
     "device_precision",
     "override_fast_dtypes",
+    "planned_compute_dtype",
     "slow_layers",
 ]
 
@@ -174,6 +175,20 @@ def compute_dtype_for(dtype: torch.dtype, device: torch.device | str = "cpu") ->
     if dtype not in HALF_PRECISIONS or computes_fast(dtype, device):
         return dtype
     return torch.float32
+
+
+def planned_compute_dtype(dtype: torch.dtype, device: str) -> torch.dtype:
+    """The dtype `device` will multiply `dtype` tensors in, for a run planned here (`compute_dtype_for`'s rule).
+
+    A GPU run planned on a machine without one is taken to run on an Ampere-or-later GPU,
+    which computes bf16 and fp16 fast.
+    """
+    from .device import accelerator
+
+    here = accelerator()
+    if device != "cpu" and (here is None or here.type != torch.device(device).type):
+        return dtype  # no such device to probe here: assume one that computes half precision fast
+    return compute_dtype_for(dtype, device)
 
 
 @contextlib.contextmanager

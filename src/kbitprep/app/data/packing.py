@@ -137,7 +137,7 @@ def check_packing(model: nn.Module, vocab_size: int, *, tolerance: float = 1e-4)
     """
     import torch
 
-    from .rows import CausalLMCollator
+    from .tokenize import CausalLMCollator
 
     generator = torch.Generator().manual_seed(0)
     a, b, c = (torch.randint(1, vocab_size, (n,), generator=generator).tolist() for n in (7, 7, 5))

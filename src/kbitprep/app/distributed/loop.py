@@ -30,7 +30,8 @@ import torch.distributed as dist
 from torch import nn
 
 from ...errors import KbitPrepError
-from ..data.rows import IGNORE_INDEX, CausalLMCollator, TokenizedData
+from ..data.rows import IGNORE_INDEX
+from ..data.tokenize import CausalLMCollator, TokenizedData
 from .fsdp import adapter_state
 
 __all__ = ["ShardedTraining", "ShardedTrainingError", "global_order", "rank_batches"]

@@ -39,6 +39,7 @@ import torch
 from torch import nn
 
 from ...errors import KbitPrepError
+from ...precision import planned_compute_dtype
 from .live_bytes import quantization_state
 from .simulated_loss import LOSSES, simulated_loss
 from .step import Moment, StepProfile, simulate_step
@@ -246,21 +247,6 @@ class MemoryEstimate:
 # --- the skeleton: the model as the run would hold it, on meta -----------------------------------
 
 
-def matmul_dtype(dtype: torch.dtype, device: str) -> torch.dtype:
-    """The dtype `device` multiplies `dtype` tensors in (`kbitprep.precision`'s rule).
-
-    A GPU run planned on a machine without one is taken to run on an Ampere-or-later GPU,
-    which computes bf16 and fp16 fast.
-    """
-    from ...device import accelerator
-    from ...precision import compute_dtype_for
-
-    here = accelerator()
-    if device != "cpu" and (here is None or here.type != torch.device(device).type):
-        return dtype  # no such device to probe here: assume one that computes half precision fast
-    return compute_dtype_for(dtype, device)
-
-
 def _dtypes(config: Any, settings: MemorySettings) -> tuple[torch.dtype, torch.dtype]:
     """(the dtype `finetune` loads the weights in, the dtype its 4-/8-bit layers compute in).
 
@@ -275,7 +261,7 @@ def _dtypes(config: Any, settings: MemorySettings) -> tuple[torch.dtype, torch.d
     weights = compute_dtype({"dtype": name}, device=settings.device)
     configured = getattr(torch, name or "float32", None)
     configured = configured if isinstance(configured, torch.dtype) and configured.is_floating_point else torch.float32
-    computes = (matmul_dtype(configured, settings.device) if settings.compute_dtype == "auto"
+    computes = (planned_compute_dtype(configured, settings.device) if settings.compute_dtype == "auto"
                 else getattr(torch, settings.compute_dtype))
     return (computes if settings.quantize == "none" else weights), computes
 

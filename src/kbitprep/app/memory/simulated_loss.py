@@ -17,7 +17,6 @@ the meta model's head.
 
 from __future__ import annotations
 
-import importlib.util
 from collections.abc import Callable
 from typing import Any
 
@@ -53,13 +52,13 @@ def chunked_loss_plan(model: nn.Module, device: str, backward: str = "fused") ->
     """The `LossPlan` the chunked loss makes for this model on `device`, from its structure alone.
 
     The head's rows and width, whether its weight is a plain matrix the chunks multiply (else
-    the head is called per chunk), the dtype the device multiplies it in (`matmul_dtype`)
+    the head is called per chunk), the dtype the device multiplies it in (`kbitprep.precision.planned_compute_dtype`)
     and the chunk size that follows (`CHUNK_LOGITS` values of logits, at least
     `AMORTIZE_TOKENS` positions when the head is re-read per chunk).
     """
     from ...backends import is_plain_tensor
     from ...loss import AMORTIZE_TOKENS, CHUNK_LOGITS, WEIGHT_PIECE, LossPlan
-    from .estimate import matmul_dtype
+    from ...precision import planned_compute_dtype
 
     lm = _unwrap(model)
     head = lm.get_output_embeddings()
@@ -68,7 +67,7 @@ def chunked_loss_plan(model: nn.Module, device: str, backward: str = "fused") ->
     plain = isinstance(base, nn.Linear) and isinstance(weight, torch.Tensor) and is_plain_tensor(weight)
     rows = weight.shape[0] if plain else base.out_features
     width = weight.shape[1] if plain else base.in_features
-    dtype = matmul_dtype(weight.dtype, device) if plain else None
+    dtype = planned_compute_dtype(weight.dtype, device) if plain else None
     converted = plain and dtype != weight.dtype
     chunk = max(1, CHUNK_LOGITS // rows)
     hidden = lm.get_input_embeddings().weight.dtype
@@ -180,9 +179,8 @@ def _chunked(model: nn.Module, batch: dict[str, torch.Tensor], device: str) -> t
 
 
 # loss name -> (model, batch, device) -> the loss tensor, as the training loop computes it
-LOSSES: dict[str, Callable[[nn.Module, dict[str, torch.Tensor], str], torch.Tensor]] = {"full": _full}
-if importlib.util.find_spec(f"{__package__}.loss") is not None:  # the chunked loss's module is installed
-    LOSSES["chunked"] = _chunked
+LOSSES: dict[str, Callable[[nn.Module, dict[str, torch.Tensor], str], torch.Tensor]] = {"full": _full,
+                                                                                          "chunked": _chunked}
 
 
 def simulated_loss(name: str, device: str) -> Callable[[nn.Module, dict[str, torch.Tensor]], torch.Tensor]:

@@ -22,7 +22,8 @@ import random
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, cast
 
-from ..data.rows import IGNORE_INDEX, CausalLMCollator, DataError, Row, TokenizedData
+from ..data.rows import IGNORE_INDEX, DataError, Row
+from ..data.tokenize import CausalLMCollator, TokenizedData
 from .observer import FinetuneObserver
 
 if TYPE_CHECKING:

@@ -35,15 +35,8 @@ from typing import TYPE_CHECKING, Any
 from ...device import has_accelerator
 from ..config.settings import FinetuneError, FinetuneSettings
 from ..data.packing import PackedData, check_packing, pack_examples
-from ..data.rows import (
-    IGNORE_INDEX,
-    CausalLMCollator,
-    Row,
-    TokenizedData,
-    check_token_ids,
-    read_jsonl,
-    tokenize_rows,
-)
+from ..data.rows import IGNORE_INDEX, Row, read_jsonl
+from ..data.tokenize import CausalLMCollator, TokenizedData, check_token_ids, tokenize_rows
 from ..distributed.processes import barrier, main_decides, start_processes
 from ..memory.live_bytes import PeakMeter
 from ..model.loading import (

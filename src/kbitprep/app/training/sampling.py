@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from ..data.rows import CausalLMCollator, TokenizedData
+from ..data.tokenize import CausalLMCollator, TokenizedData
 
 if TYPE_CHECKING:
     from torch import nn
