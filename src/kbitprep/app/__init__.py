@@ -1,20 +1,26 @@
-"""The application around the preparation core: loading, data, the run folder, fine-tuning, the demo.
+"""The application around the preparation core: the `kbitprep` command's runs, folder by concern.
 
 The core (`kbitprep.backends`, `plan`, `apply`, `checkpointing`, `verify`, `sizing`,
-`device`) imports nothing from here; this package builds the `kbitprep` command's runs on
-top of it. One module per concern:
+`device`, `precision`, and the chunked loss `kbitprep.loss`) imports nothing from here.
+Each folder owns one concern and says so in its `__init__`:
 
-    settings     FinetuneSettings: each option declared once (CLI, checks, resume, report, docs)
-    finetune     FinetuneRun: claim → load → prepare → adapt → train → save; finetune()
-    trainer      the Trainer subclass, its arguments, and the run's callback (transformers)
-    lora         attaching the LoRA adapter (peft)
-    sampling     the first batch's loss and greedy sample completions
-    run_report   FinetuneReport (report.json); plotting: the loss curve (matplotlib)
-    observer     FinetuneObserver, the progress interface the CLI renders
-    distributed  starting the processes and the barriers under torchrun
-    chat         "messages" rows: the chat template, the assistant spans that are trained
-    packing      rows packed into --seq-len sequences, and the check that they stay apart
-    evaluation   held-out rows, the eval loss and perplexity during training
-    merge        `kbitprep merge`: the adapter folded into the dequantized base
-    data, loading, outputs, quiet, inspection, demo, loss: as their docstrings say
+    config/       settings: each finetune option declared once (CLI, checks, resume, report, docs)
+    data/         rows: reading data files; chat: conversations and their trained spans;
+                  tokenize: ids, labels and batches; packing: rows packed into --seq-len
+    model/        loading (quantized), lora, inspection (`kbitprep inspect`), quiet (known log notes)
+    training/     run: FinetuneRun, the phases claim → load → prepare → adapt → train → report → save;
+                  executor: what differs by executor (TrainerExecutor: one process or DDP);
+                  sharded: ShardedExecutor (`--fsdp`); trainer, divergence, evaluation, sampling, observer
+    memory/       estimate: the fit check; step: a training step on the meta device;
+                  simulated_loss; live_bytes: counting live tensor bytes, measured peaks
+    distributed/  processes: torchrun start-up and barriers; fsdp: sharding the 4-bit base with FSDP2;
+                  loop: the sharded step loop
+    runs/         folder: the run folder (lock, manifest, checkpoints, atomic writes);
+                  report: report.json; plot: the loss curve
+    export/       merge: the adapter folded into the dequantized base
+    demo          `kbitprep demo`: the whole pipeline on the model and data shipped in the package
+
+Imports go one way, down this list's dependencies: training uses data, model, memory, runs and
+distributed; export uses model and runs; the CLI (`kbitprep.cli`) uses all of it and nothing
+here uses the CLI.
 """

@@ -49,6 +49,7 @@ __all__ = [
     "adapter_state",
     "load_sharded",
     "packed_4bit_bytes",
+    "plan_for_sharding",
     "prepare_for_sharding",
     "shard_stats",
     "swap_4bit_layers",
@@ -250,20 +251,26 @@ def _shard(model: nn.Module, mesh: Any) -> None:
 # --- loading: rank 0 reads, every rank keeps its shard --------------------------------
 
 
-def prepare_for_sharding(model: nn.Module, *, upcast: str) -> PreparationPlan:
-    """Plan and apply kbitprep's preparation as a sharded run needs it; returns the plan.
+def plan_for_sharding(model: nn.Module, *, upcast: str) -> PreparationPlan:
+    """kbitprep's preparation plan as a sharded run needs it (pure: nothing changes).
 
     Checkpointing is non-reentrant: FSDP2 gathers a unit again when the backward pass
     recomputes its forward, through the module hooks that reentrant checkpointing hides
-    from autograd. A meta skeleton is prepared like the loaded model (its "weights never
-    loaded" error is the point of a skeleton), so both end up with the same structure.
+    from autograd. A meta skeleton is planned like the loaded model, less its "weights
+    never loaded" error (that is what a skeleton is), so both end up with the same structure.
     """
-    from ...apply import apply_plan
     from ...plan import META_DEVICE, plan_preparation
 
     plan = plan_preparation(model, upcast=upcast, gradient_checkpointing_kwargs={"use_reentrant": False})
-    apply_plan(model, dataclasses.replace(plan, diagnostics=tuple(d for d in plan.diagnostics
-                                                                  if d.code != META_DEVICE.code)))
+    return dataclasses.replace(plan, diagnostics=tuple(d for d in plan.diagnostics if d.code != META_DEVICE.code))
+
+
+def prepare_for_sharding(model: nn.Module, *, upcast: str) -> PreparationPlan:
+    """Apply `plan_for_sharding`'s plan to `model` (for a caller without a run); returns the plan."""
+    from ...apply import apply_plan
+
+    plan = plan_for_sharding(model, upcast=upcast)
+    apply_plan(model, plan)
     return plan
 
 

@@ -25,7 +25,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-__all__ = ["Allocation", "LiveBytes", "PeakMeter", "model_tensors", "quant_state_tensors", "quantization_state"]
+__all__ = ["Allocation", "LiveBytes", "PeakMeter", "measured_peak", "model_tensors", "quant_state_tensors",
+           "quantization_state"]
 
 
 @dataclasses.dataclass
@@ -212,3 +213,15 @@ class PeakMeter:
             else:
                 self.peak = int(torch.cuda.max_memory_allocated(self.device))
         return self.peak
+
+
+def measured_peak(device: torch.device) -> dict[str, Any]:
+    """A process's peak memory so far: CUDA's allocator peak on a GPU, else the process's peak RSS (VmHWM)."""
+    if device.type == "cuda":
+        return {"bytes": int(torch.cuda.max_memory_allocated(device)), "by": "torch.cuda.max_memory_allocated"}
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            kib = next(int(line.split()[1]) for line in status if line.startswith("VmHWM:"))
+    except (OSError, StopIteration):
+        return {"bytes": None, "by": "unavailable (no /proc/self/status)"}
+    return {"bytes": kib * 1024, "by": "VmHWM (the process's peak resident memory, loading included)"}

@@ -10,16 +10,16 @@ The run folder is managed by `kbitprep.app.runs.folder`: it is marked INCOMPLETE
 file is in place, checkpoints count only once their completeness marker is written, and
 `resume=True` continues from the newest complete one.
 
-The same code runs as one process or under `torchrun --nproc_per_node N` (DDP): the
-Trainer does the distribution, and only the main process writes the run folder's files.
-With `fsdp=True` (`--fsdp`) the base model is sharded across the processes instead:
-`kbitprep.app.distributed.sharded.ShardedFinetuneRun` changes the load, train and save phases.
-
 A run is a `FinetuneRun`: one method per phase (claim → load → prepare → adapt → train →
-save), each reading and setting the run's state on `self`. Where a new feature goes:
-a different loss in `trainer.FinetuneTrainer.compute_loss`; something to watch after
-every step as a TrainerCallback in `FinetuneRun.callbacks`; a figure for the report in
-`FinetuneRun.report`; a change to the data in `FinetuneRun.load`.
+report → save), each reading and setting the run's state on `self`, whatever executes it.
+What differs between one process and several is its executor (`executor`): one process
+or DDP under torchrun (`TrainerExecutor`: the transformers Trainer takes the steps), or
+the base sharded across the processes with `--fsdp` (`sharded.ShardedExecutor`).
+Only the main process writes the run folder's files.
+
+Where a new feature goes: a different loss in `trainer.FinetuneTrainer.compute_loss`;
+something to watch after every step as a TrainerCallback in `TrainerExecutor.callbacks`;
+a figure for the report in `FinetuneRun.report`; a change to the data in `FinetuneRun.load`.
 """
 
 from __future__ import annotations
@@ -32,17 +32,15 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ...device import has_accelerator
 from ..config.settings import FinetuneError, FinetuneSettings
 from ..data.packing import PackedData, check_packing, pack_examples
 from ..data.rows import IGNORE_INDEX, Row, read_jsonl
-from ..data.tokenize import CausalLMCollator, TokenizedData, check_token_ids, tokenize_rows
+from ..data.tokenize import TokenizedData, check_token_ids, tokenize_rows
 from ..distributed.processes import barrier, main_decides, start_processes
-from ..memory.live_bytes import PeakMeter
+from ..memory.live_bytes import PeakMeter, measured_peak
 from ..model.loading import (
     check_model_folder,
     error_summary,
-    load_quantized_model,
     load_tokenizer,
     model_fingerprint,
     resolve_compute_dtype,
@@ -63,17 +61,16 @@ from ..runs.folder import (
     file_fingerprint,
 )
 from ..runs.plot import plot_loss
-from ..runs.report import FinetuneReport, loss_history, package_versions, read_report
-from .divergence import check_finite_weights, divergence_callback
-from .evaluation import eval_history
+from ..runs.report import FinetuneReport, package_versions, read_report
+from .divergence import check_finite_weights
+from .executor import Executor, LossPlanLike, TrainerExecutor
 from .observer import FinetuneObserver
 from .sampling import batch_loss, first_batch, generate, pad_token_id
 
 if TYPE_CHECKING:
     import torch
-    from transformers import TrainerCallback, TrainingArguments
+    from transformers import TrainingArguments
 
-    from ...loss import LossPlan
     from ...plan import PreparationPlan
 
 __all__ = [
@@ -179,25 +176,16 @@ def run_pipeline(
     `eval_rows` are evaluated during training (`finetune` makes them from --eval-data or
     --eval-fraction).
     """
-    if settings.fsdp:
-        from ..distributed.sharded import ShardedFinetuneRun
-
-        return ShardedFinetuneRun(settings, rows, observer, setup=setup, makes=makes, eval_rows=eval_rows).run()
     return FinetuneRun(settings, rows, observer, setup=setup, makes=makes, eval_rows=eval_rows).run()
 
 
-def measured_peak(device: torch.device) -> dict[str, Any]:
-    """The run's peak memory so far: CUDA's allocator peak on a GPU, else the process's peak RSS (VmHWM)."""
-    import torch
+def executor_for(settings: FinetuneSettings) -> Executor:
+    """The executor the settings ask for: the base sharded across the processes with `--fsdp`, else the Trainer."""
+    if settings.fsdp:
+        from .sharded import ShardedExecutor
 
-    if device.type == "cuda":
-        return {"bytes": int(torch.cuda.max_memory_allocated(device)), "by": "torch.cuda.max_memory_allocated"}
-    try:
-        with open("/proc/self/status", encoding="ascii") as status:
-            kib = next(int(line.split()[1]) for line in status if line.startswith("VmHWM:"))
-    except (OSError, StopIteration):
-        return {"bytes": None, "by": "unavailable (no /proc/self/status)"}
-    return {"bytes": kib * 1024, "by": "VmHWM (the process's peak resident memory, loading included)"}
+        return ShardedExecutor()
+    return TrainerExecutor()
 
 
 class FinetuneRun:
@@ -211,6 +199,12 @@ class FinetuneRun:
             claimed, before loading. Default: None
         makes (tuple[str, ...]): the names `setup` writes into the run folder. Default: ()
         eval_rows (Sequence[Row]): rows to evaluate on during training, never trained. Default: ()
+        executor (Executor | None): what places the model and takes the steps; None: the one
+            the settings ask for (`executor_for`). Default: None
+
+    Raises:
+        FinetuneError, FsdpError: settings that cannot run (the executor's check first);
+            raised before the run folder is touched.
     """
 
     # The state the phases build, in the order they set it.
@@ -233,12 +227,14 @@ class FinetuneRun:
     history: list[dict[str, float]]
     memory: dict[str, Any]  # predicted and measured peak
     evaluations: list[dict[str, float]]
-    loss_plan: LossPlan
+    loss_plan: LossPlanLike
     peak: dict[str, Any]
 
     def __init__(self, settings: FinetuneSettings, rows: Sequence[Row], observer: FinetuneObserver | None = None,
                  *, setup: Callable[[Path], object] | None = None, makes: tuple[str, ...] = (),
-                 eval_rows: Sequence[Row] = ()) -> None:
+                 eval_rows: Sequence[Row] = (), executor: Executor | None = None) -> None:
+        self.executor = executor or executor_for(settings)
+        self.executor.check(settings)
         settings.check()
         self.settings = settings.resolved()
         self.rows = rows
@@ -283,8 +279,8 @@ class FinetuneRun:
             self.load()
         with self.measured_memory():
             with self.timed("prepare_s"):
-                self.prepare()
-                self.adapt()
+                if not self.executor.builds_while_loading:
+                    self.build(self.model)
             self.measure_before()
             with self.timed("train_s"):
                 self.train()
@@ -415,10 +411,8 @@ class FinetuneRun:
         self.load_model()
 
     def load_model(self) -> None:
-        """The (quantized) model, whole, on this process's device."""
-        device_index = self.args.local_process_index if has_accelerator() else None
-        self.model = load_quantized_model(self.settings.model, self.settings.quantize, device_index=device_index,
-                                          compute=self.settings.compute_dtype)
+        """The (quantized) model, placed by the executor; under --fsdp also prepared and adapted (`build`)."""
+        self.model = self.executor.load_model(self)
         self.check_token_ids(self.model.get_input_embeddings().num_embeddings)
 
     def check_token_ids(self, vocab_size: int) -> None:
@@ -449,13 +443,34 @@ class FinetuneRun:
             self.observer.on_message(f"{len(data.dropped)} row(s) had no completion token within --seq-len "
                                      f"and were skipped (lines {shown})")
 
+    def build(self, model: Any) -> Any:
+        """The prepare and adapt phases on `model`; returns the adapted model.
+
+        Under --fsdp they run on rank 0's loaded model and on every process's meta skeleton,
+        so that all build the same structure; a skeleton's build reports nothing, and the
+        plan kept is the loaded model's where there is one.
+        """
+        skeleton = next(model.parameters()).device.type == "meta"
+        reporting, kept = self.observer, self.__dict__.get("plan")
+        if skeleton:
+            self.observer = FinetuneObserver()
+        try:
+            self.model = model
+            self.prepare()
+            self.adapt()
+        finally:
+            self.observer = reporting
+        if skeleton and kept is not None:
+            self.plan = kept
+        return self.model
+
     def prepare(self) -> None:
-        """Plan the preparation (the observer sees the plan) and apply it."""
+        """Plan the preparation as the executor trains (the observer sees the plan) and apply it."""
         from ...apply import apply_plan
         from ...errors import NotQuantizedWarning
-        from ...plan import SLOW_HEAD_PRECISION, plan_preparation
+        from ...plan import SLOW_HEAD_PRECISION
 
-        self.plan = plan_preparation(self.model, upcast=self.settings.upcast)
+        self.plan = self.executor.plan_preparation(self.model, self.settings.upcast)
         if self.settings.loss == "chunked":  # the chunked loss computes the head in the device's fast precision
             self.plan = dataclasses.replace(self.plan, diagnostics=tuple(
                 d for d in self.plan.diagnostics if d.code != SLOW_HEAD_PRECISION.code))
@@ -481,7 +496,8 @@ class FinetuneRun:
         """The first batch's loss and the sample completions before training."""
         self.batch = first_batch(self.data, self.settings.batch_size, pad_token_id(self.tokenizer))
         self.loss_before = batch_loss(self.model, self.batch, self.settings.loss)
-        self.samples = [{"prompt": prompt} for prompt in self.settings.samples] if self.main else []
+        generates = self.main or self.executor.every_process_generates
+        self.samples = [{"prompt": prompt} for prompt in self.settings.samples] if generates else []
         self.complete_samples("before")
 
     def measure_after(self) -> None:
@@ -490,51 +506,16 @@ class FinetuneRun:
         self.complete_samples("after")
 
     def complete_samples(self, stage: str) -> None:
-        """Greedy completions of the sample prompts (main process only), stored under `stage`."""
+        """Greedy completions of the sample prompts, stored under `stage` (where the executor generates)."""
         for sample in self.samples:
             sample[stage] = generate(self.model, self.tokenizer, sample["prompt"], self.settings.max_new_tokens)
             self.observer.on_sample(stage, sample["prompt"], sample[stage])
 
     def train(self) -> None:
-        """Train with the Trainer, from the resume checkpoint if there is one.
-
-        A run killed after its last step resumes from a checkpoint of that step; the Trainer
-        would train one step more, so the weights and the log are taken from it as they are.
-        """
-        from ...loss import plan_loss
-        from .trainer import FinetuneTrainer, restore_finished, training_done
-
-        self.loss_plan = plan_loss(self.model, self.settings.loss)
-        if self.loss_plan.reason:
-            self.observer.on_message(f"--loss chunked: using the full loss instead, as {self.loss_plan.reason}")
-        trainer = FinetuneTrainer(model=self.model, args=self.args, train_dataset=self.train_data,
-                                  data_collator=CausalLMCollator(pad_token_id(self.tokenizer)),
-                                  callbacks=self.callbacks(), loss_mode=self.settings.loss)
-        if self.resume_from is not None and training_done(self.resume_from):
-            self.observer.on_message(f"{self.resume_from.name} is the run's last step: nothing left to train")
-            restore_finished(trainer, self.resume_from)
-        else:
-            trainer.train(resume_from_checkpoint=str(self.resume_from) if self.resume_from is not None else None)
-        self.history = loss_history(trainer.state.log_history)
-        self.evaluations = eval_history(trainer.state.log_history)
+        """The executor takes the optimizer steps, from the resume checkpoint if there is one."""
+        trained = self.executor.train(self)
+        self.history, self.evaluations, self.loss_plan = trained.history, trained.evaluations, trained.loss_plan
         self.peak = measured_peak(self.device)
-
-    def callbacks(self) -> list[TrainerCallback]:
-        """The Trainer callbacks of the run: the place for anything to do after each step or save.
-
-        The divergence guard comes first: it stops a step with a non-finite loss, gradient
-        norm or weight before that step's checkpoint is saved and marked complete.
-        """
-        from .evaluation import make_eval_callback
-        from .trainer import RunCallback
-
-        callbacks: list[TrainerCallback] = [divergence_callback(self.settings.lr, self.settings.lora_alpha),
-                                            RunCallback(self.folder, self.observer)]
-        if self.eval_data is not None:  # before RunCallback's save: a checkpoint keeps the step's evaluation
-            callbacks.insert(1, make_eval_callback(self.eval_data, self.settings.batch_size,
-                                                   pad_token_id(self.tokenizer), self.settings.eval_steps,
-                                                   self.observer, loss=getattr(self.settings, "loss", "chunked")))
-        return callbacks
 
     def report(self) -> FinetuneReport:
         """What the run did, as report.json records it."""
@@ -544,7 +525,8 @@ class FinetuneRun:
             plan=self.plan.to_dict(),
             model={"architecture": (getattr(config, "architectures", None) or ["?"])[0],
                    "compute_dtype": self.compute_dtype_name(),
-                   "trainable_parameters": self.trainable, "total_parameters": self.total},
+                   "trainable_parameters": self.trainable, "total_parameters": self.total,
+                   **self.executor.report_model(self)},
             loss={**self.loss_plan.to_dict(), "measured_peak": self.peak},
             data=self.data_summary(),
             loss_history=self.history,
@@ -589,15 +571,11 @@ class FinetuneRun:
                              lora_alpha=self.settings.lora_alpha)
         path = self.folder.path
         with atomic_directory(path / ADAPTER_DIR) as staging:
-            self.save_adapter(staging)
+            self.executor.save_adapter(self, staging)
         title = f"{Path(self.settings.model).name} · {self.settings.quantize} · LoRA r={self.settings.lora_r}"
         atomic_write_bytes(path / LOSS_PLOT, plot_loss(report.loss_history, title, report.eval_history))
         self.folder.finish(report.to_dict())
         self.observer.on_message(f"wrote {path / ADAPTER_DIR}, {path / REPORT}, {path / LOSS_PLOT}")
-
-    def save_adapter(self, directory: Path) -> None:
-        """Write the adapter (peft's safetensors and config) into `directory`."""
-        self.model.save_pretrained(directory)
 
 
 def configured_vocab_size(config: dict[str, Any]) -> int | None:
