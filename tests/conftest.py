@@ -11,6 +11,7 @@ loaded with its first 2 of 6 layers so that the 4-bit loads stay well under a se
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import string
@@ -40,6 +41,8 @@ from transformers import (
     T5Config,
     T5ForConditionalGeneration,
 )
+
+from kbitprep.precision import device_precision
 
 VOCAB = 128
 _DECODER = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
@@ -239,6 +242,21 @@ class Zoo:
         loss = self.loss(arch, model, self.batch(arch))
         loss.backward()
         return loss.detach(), {name: param.grad for name, param in model.named_parameters() if param.requires_grad}
+
+
+# What this machine computes fast, read before any test overrides it: a `kbitprep` command a
+# test starts in another process computes with this, not with the override below.
+MACHINE_FAST_DTYPES = frozenset(device_precision("cpu").fast - {torch.float32})
+
+
+@contextlib.contextmanager
+def as_a_subprocess_computes():
+    """Within the block, the precision rule answers as on this machine (`half_precision_counts_as_fast`
+    undone): for comparing with a run a test started as a command in another process."""
+    from kbitprep.precision import override_fast_dtypes
+
+    with override_fast_dtypes("cpu", MACHINE_FAST_DTYPES):
+        yield
 
 
 @pytest.fixture(autouse=True)

@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import as_a_subprocess_computes
 
 from kbitprep.app.runs.folder import MANIFEST, OWNER
 
@@ -78,7 +79,8 @@ def run_in_process(argv: list[str]) -> int:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as the driver's children: the same reductions, the same bits
     try:
-        return main(argv)
+        with as_a_subprocess_computes():  # and the same precisions
+            return main(argv)
     finally:
         torch.set_num_threads(threads)
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ...errors import InvalidArgumentError, KbitPrepError
 from .rows import IGNORE_INDEX
@@ -124,7 +124,7 @@ def pack_examples(examples: Sequence[dict[str, list[int]]], seq_len: int, batch_
                       padding_tokens(packed_lengths, batch_size))
 
 
-def check_packing(model: nn.Module, vocab_size: int, *, tolerance: float = 1e-4) -> None:
+def check_packing(model: nn.Module, vocab_size: int, *, tolerance: float | None = None) -> None:
     """Refuse packing for a model whose packed rows would see each other or keep counting positions.
 
     One forward pass over three packs of equal length, [A, C], [B, C] and [C, A]: the
@@ -132,10 +132,27 @@ def check_packing(model: nn.Module, vocab_size: int, *, tolerance: float = 1e-4)
     nor on where in the pack it sits (positions restart). The three packs share one
     batch, so the same kernels compute them and equal means equal to rounding.
 
+    Rounding depends on the dtype the hidden states travel in: a row at another offset
+    goes through attention blocks of another split, and in bfloat16 one flipped last bit
+    per layer adds up to about 1% of the largest logit on a tiny model. A row that keeps
+    counting positions or sees its neighbour is off by the size of the logits themselves.
+
+    Args:
+        model (nn.Module): the prepared model.
+        vocab_size (int): token ids are drawn below it.
+        tolerance (float | None): the largest change allowed, relative to the largest logit;
+            None: 1e-4, or eight of the hidden states' dtype's epsilon where that is more
+            (0.031 for bfloat16). Default: None
+
     Raises:
         PackingError: naming the model type; train without --pack.
     """
     import torch
+
+    if tolerance is None:
+        lm: Any = model  # a transformers model (nn.Module's attribute typing hides its methods)
+        hidden = lm.get_input_embeddings().weight.dtype
+        tolerance = max(1e-4, 8 * torch.finfo(hidden).eps) if hidden.is_floating_point else 1e-4
 
     from .tokenize import CausalLMCollator
 
