@@ -181,7 +181,7 @@ def _chunked(model: nn.Module, batch: dict[str, torch.Tensor], device: str) -> t
 
 # loss name -> (model, batch, device) -> the loss tensor, as the training loop computes it
 LOSSES: dict[str, Callable[[nn.Module, dict[str, torch.Tensor], str], torch.Tensor]] = {"full": _full}
-if importlib.util.find_spec(f"{__package__}.loss") is not None:  # the chunked loss's module is installed
+if importlib.util.find_spec("kbitprep.loss") is not None:  # the chunked loss's module is installed
     LOSSES["chunked"] = _chunked
 
 
