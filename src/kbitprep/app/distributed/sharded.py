@@ -89,7 +89,7 @@ class ShardedFinetuneRun(FinetuneRun):
     def __init__(self, settings: FinetuneSettings, rows: Sequence[Row], observer: FinetuneObserver | None = None,
                  *, setup: Callable[[Path], object] | None = None, makes: tuple[str, ...] = (),
                  eval_rows: Sequence[Row] = ()) -> None:
-        check_sharded_settings(settings)
+        check_sharded_settings(settings.resolved())  # resolved: --quantize auto on a saved-int8 folder is int8
         super().__init__(settings, rows, observer, setup=setup, makes=makes, eval_rows=eval_rows)
 
     def load_model(self) -> None:
