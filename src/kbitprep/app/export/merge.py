@@ -41,7 +41,7 @@ if TYPE_CHECKING:
     from torch import nn
 
 __all__ = ["MERGE_DTYPES", "MERGE_RECORD", "MergeError", "MergeReport", "dequantize_layers", "merge_run",
-           "read_finished_run"]
+           "read_finished_run", "run_tokenizer"]
 
 # --dtype value -> torch dtype name; None in the CLI means "the model's own dtype".
 MERGE_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
@@ -104,8 +104,12 @@ class MergeReport:
 # --- reading the run -----------------------------------------------------------------------
 
 
-def read_finished_run(run_dir: str | os.PathLike[str]) -> FinishedRun:
+def read_finished_run(run_dir: str | os.PathLike[str], *, command: str = "merge") -> FinishedRun:
     """The settings and adapter of a finished `kbitprep finetune` run; changes nothing.
+
+    Args:
+        run_dir (str | PathLike): the run folder.
+        command (str): the command that reads it ("merge", "generate"), for messages. Default: "merge"
 
     Raises:
         MergeError: the folder is missing, unfinished, not written by kbitprep, or its
@@ -118,10 +122,10 @@ def read_finished_run(run_dir: str | os.PathLike[str]) -> FinishedRun:
     state = RunFolder(path).state()
     if state == "incomplete":
         raise MergeError(f"{path}: holds an unfinished run ({INCOMPLETE}); finish it first with "
-                         "`kbitprep finetune ... --resume`, then merge")
+                         f"`kbitprep finetune ... --resume`, then {command}")
     report = _read_report(path) if state == "finished" else None
     if report is None:
-        hint = " (it holds a bare adapter; merge needs the whole run folder)" \
+        hint = f" (it holds a bare adapter; {command} needs the whole run folder)" \
             if (path / "adapter_config.json").is_file() else ""
         raise MergeError(f"{path}: is not a kbitprep run folder{hint}; pass the --output folder of a finished "
                          "`kbitprep finetune` run")
@@ -132,7 +136,7 @@ def read_finished_run(run_dir: str | os.PathLike[str]) -> FinishedRun:
     try:
         check_model_folder(run.model)
     except ModelFolderError as error:
-        raise MergeError(f"the run's base model is not usable: {error}; merge needs the folder the run "
+        raise MergeError(f"the run's base model is not usable: {error}; {command} needs the folder the run "
                          "trained on, where it was") from None
     return run
 
@@ -290,7 +294,7 @@ def _staged_folder(output: Path) -> Iterator[Path]:
         raise
 
 
-def _tokenizer(run: FinishedRun) -> Any:
+def run_tokenizer(run: FinishedRun) -> Any:
     """The run's tokenizer, carrying the chat template the run trained with."""
     tokenizer = load_tokenizer(run.model)
     template = run.settings.get("chat_template")
@@ -339,7 +343,7 @@ def merge_run(run_dir: str | os.PathLike[str], output: str | os.PathLike[str], *
     output = Path(output)
     _check_output(output)
     target = _output_dtype(run, dtype)
-    tokenizer = _tokenizer(run)
+    tokenizer = run_tokenizer(run)
     model: Any = load_quantized_model(run.model, run.settings["quantize"], device_index=_device_index())
     dequantized = dequantize_layers(model)
     merged = merge_adapter(model, run.adapter, target)
