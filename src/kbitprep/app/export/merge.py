@@ -86,6 +86,7 @@ class MergeReport:
         dequantized (int): quantized layers turned back into plain weights.
         merged (int): layers that received an adapter update.
         seconds (float): time taken.
+        gguf (str | None): the GGUF file written beside the safetensors (`gguf=True`). Default: None
     """
 
     run: str
@@ -96,6 +97,7 @@ class MergeReport:
     dequantized: int
     merged: int
     seconds: float
+    gguf: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -319,13 +321,16 @@ def _output_dtype(run: FinishedRun, dtype: str | None) -> torch.dtype:
 
 
 def merge_run(run_dir: str | os.PathLike[str], output: str | os.PathLike[str], *,
-              dtype: str | None = None) -> MergeReport:
+              dtype: str | None = None, gguf: bool = False, gguf_dtype: str = "f16") -> MergeReport:
     """Write a standalone model folder: the run's base, dequantized as it was trained, plus its adapter.
 
     Args:
         run_dir (str | PathLike): the folder of a finished `kbitprep finetune` run.
         output (str | PathLike): the model folder to create; it must not exist.
         dtype (str | None): "bf16", "fp16" or "fp32"; None keeps the base model's dtype. Default: None
+        gguf (bool): also write the merged model as `model.gguf` (llama.cpp, Ollama), tokenizer and
+            chat template inside (`kbitprep.app.export.gguf`). Default: False
+        gguf_dtype (str): "f32", "f16" or "bf16": the GGUF file's 2-D weights. Default: "f16"
 
     Returns:
         MergeReport: what was merged and written.
@@ -333,6 +338,8 @@ def merge_run(run_dir: str | os.PathLike[str], output: str | os.PathLike[str], *
     Raises:
         MergeError: the run is unfinished, not kbitprep's, or its base is gone; the output
             exists; nothing is written.
+        GgufError: with `gguf`, an architecture or tokenizer with no GGUF form here (checked before
+            loading where the config tells); nothing is written.
 
     Example:
         >>> merge_run("runs/demo", "merged", dtype="bf16").merged
@@ -343,6 +350,12 @@ def merge_run(run_dir: str | os.PathLike[str], output: str | os.PathLike[str], *
     output = Path(output)
     _check_output(output)
     target = _output_dtype(run, dtype)
+    if gguf:
+        from .gguf import GGUF_DTYPES, GgufError, gguf_architecture
+
+        if gguf_dtype not in GGUF_DTYPES:
+            raise GgufError(f"--gguf-dtype must be one of {', '.join(GGUF_DTYPES)}, not {gguf_dtype!r}")
+        gguf_architecture(check_model_folder(run.model))  # an unsupported one costs no load
     tokenizer = run_tokenizer(run)
     model: Any = load_quantized_model(run.model, run.settings["quantize"], device_index=_device_index())
     dequantized = dequantize_layers(model)
@@ -354,6 +367,11 @@ def merge_run(run_dir: str | os.PathLike[str], output: str | os.PathLike[str], *
     with _staged_folder(output) as staging:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
+        if gguf:
+            from .gguf import GGUF_FILE, write_gguf
+
+            write_gguf(model, tokenizer, staging, staging / GGUF_FILE, dtype=gguf_dtype)
+            report = dataclasses.replace(report, gguf=str(output.absolute() / GGUF_FILE))
         report = dataclasses.replace(report, seconds=time.perf_counter() - started)
         (staging / MERGE_RECORD).write_text(json.dumps(report.to_dict(), indent=2) + "\n", encoding="utf-8")
     return report
