@@ -284,7 +284,7 @@ def test_merge_command_writes_the_chosen_dtype(finished_run: Path, tmp_path: Pat
 
 def test_the_merged_tokenizer_carries_the_runs_chat_template(tmp_path: Path) -> None:
     from kbitprep.app.demo import build_tiny_model
-    from kbitprep.app.export.merge import _tokenizer, read_finished_run
+    from kbitprep.app.export.merge import read_finished_run, run_tokenizer
 
     model = build_tiny_model(tmp_path / "model")
     template = tmp_path / "chat.jinja"
@@ -294,7 +294,7 @@ def test_the_merged_tokenizer_carries_the_runs_chat_template(tmp_path: Path) -> 
     (run / "adapter" / "adapter_config.json").write_text("{}")
     settings = {"model": str(model), "quantize": "nf4", "chat_template": str(template)}
     (run / "report.json").write_text(json.dumps({"status": "finished", "settings": settings}))
-    assert _tokenizer(read_finished_run(run)).chat_template == template.read_text()
+    assert run_tokenizer(read_finished_run(run)).chat_template == template.read_text()
     template.unlink()
     with pytest.raises(MergeError, match="chat.jinja: the run's --chat-template cannot be read"):
-        _tokenizer(read_finished_run(run))
+        run_tokenizer(read_finished_run(run))

@@ -18,10 +18,10 @@ import torch
 from torch import nn
 
 # The --quantize choices are bitsandbytes configurations; that backend's module owns them.
-from .backends.bitsandbytes import QUANTIZE_CHOICES, bnb_config_for, quantize_skeleton
+from .backends.bitsandbytes import QUANTIZE_AUTO, QUANTIZE_CHOICES, bnb_config_for, quantize_skeleton, resolve_quantize
 from .errors import InvalidArgumentError, MissingFileError
 
-__all__ = ["QUANTIZE_CHOICES", "bnb_config_for", "build_meta_model", "load_config"]
+__all__ = ["QUANTIZE_AUTO", "QUANTIZE_CHOICES", "bnb_config_for", "build_meta_model", "load_config"]
 
 
 def load_config(config_or_path: Any) -> Any:
@@ -76,7 +76,10 @@ def build_meta_model(config_or_path: Any, *, quantize: str = "nf4", dtype: torch
 
     Args:
         config_or_path: a transformers config, a config dict, a model folder or a config.json path.
-        quantize (str): "nf4" (with double quantization), "fp4", "int8" or "none". Default: "nf4"
+        quantize (str): "nf4" (with double quantization), "fp4", "int8", "none", or "auto": as the config
+            says the weights were saved quantized, else nf4. A config saved quantized by bitsandbytes is
+            built as saved (its double quantization and storage dtype included), and a `quantize`
+            contradicting it is refused (`kbitprep.backends.bitsandbytes.resolve_quantize`). Default: "nf4"
         dtype (torch.dtype | None): dtype of the unquantized weights; None takes the config's
             (as `from_pretrained` does), else float32. Default: None
         compute_dtype (torch.dtype | None): the dtype 4-bit layers compute in; None: `dtype`. Default: None
@@ -85,7 +88,8 @@ def build_meta_model(config_or_path: Any, *, quantize: str = "nf4", dtype: torch
         nn.Module: the skeleton, with bitsandbytes layers where a real load has them.
 
     Raises:
-        FileNotFoundError / ValueError: the config cannot be read or names no known model.
+        FileNotFoundError / ValueError: the config cannot be read or names no known model, or
+            `quantize` contradicts the quantization it was saved with.
 
     Example:
         >>> model = build_meta_model("configs/llama-3-70b/config.json")
@@ -96,6 +100,8 @@ def build_meta_model(config_or_path: Any, *, quantize: str = "nf4", dtype: torch
     if isinstance(configured, str):
         configured = getattr(torch, configured, None)
     dtype = dtype or (configured if isinstance(configured, torch.dtype) else torch.float32)
-    bnb_config = bnb_config_for(quantize, compute_dtype=compute_dtype or dtype)
+    quantize, saved = resolve_quantize(config, quantize)
+    bnb_config = saved.bnb_config(compute_dtype or dtype) if saved is not None \
+        else bnb_config_for(quantize, compute_dtype=compute_dtype or dtype)
     model = _skeleton(config, dtype)
     return model if bnb_config is None else quantize_skeleton(model, bnb_config, dtype)

@@ -7,12 +7,15 @@
   training layout (see `BitsAndBytes.training_layout`).
 - The `--quantize` choices and the meta-device skeleton that `kbitprep.sizing` builds
   (`bnb_config_for`, `quantize_skeleton`).
+- What a folder saved already quantized holds (`saved_quantization`), and the rule that
+  reconciles it with a requested `--quantize` (`resolve_quantize`).
 
 bitsandbytes itself is imported only inside functions, where it is really used.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -27,10 +30,16 @@ __all__ = [
     "BITSANDBYTES",
     "CLASSES_4BIT",
     "CLASSES_8BIT",
+    "QUANTIZE_AUTO",
     "QUANTIZE_CHOICES",
     "BitsAndBytes",
+    "QuantizeConflictError",
+    "SavedQuantization",
+    "UnsupportedQuantizationError",
     "bnb_config_for",
     "quantize_skeleton",
+    "resolve_quantize",
+    "saved_quantization",
 ]
 
 CLASSES_4BIT = ("bitsandbytes.nn.modules.Params4bit", "bitsandbytes.nn.modules.Linear4bit")
@@ -149,6 +158,126 @@ QUANTIZE_CHOICES: Mapping[str, Mapping[str, Any] | None] = {
     "int8": {"load_in_8bit": True},
     "none": None,
 }
+
+
+# "As the folder stores it": a folder saved already quantized keeps its quantization, any other gets nf4.
+QUANTIZE_AUTO = "auto"
+_AUTO_FALLBACK = "nf4"
+
+
+class UnsupportedQuantizationError(InvalidArgumentError):
+    """A config.json records a quantization kbitprep cannot load for training (gptq, awq, ...)."""
+
+
+class QuantizeConflictError(InvalidArgumentError):
+    """A `--quantize` that contradicts the quantization a folder was saved with."""
+
+
+@dataclasses.dataclass(frozen=True)
+class SavedQuantization:
+    """What a model folder saved already quantized by bitsandbytes holds (its config's `quantization_config`).
+
+    Args:
+        quantize (str): the `--quantize` name of its format: "nf4", "fp4" or "int8".
+        double_quant (bool): 4-bit block scales quantized again (`bnb_4bit_use_double_quant`).
+        storage (str): the dtype packed 4-bit values are stored in (`bnb_4bit_quant_storage`).
+        compute_dtype (str | None): the dtype its 4-bit layers were saved computing in.
+        record (Mapping[str, Any]): the `quantization_config` as saved.
+    """
+
+    quantize: str
+    double_quant: bool
+    storage: str
+    compute_dtype: str | None
+    record: Mapping[str, Any] = dataclasses.field(repr=False, compare=False)
+
+    def describe(self) -> str:
+        """In words, for messages: "nf4 with double quantization"."""
+        if self.quantize == "int8":
+            return "int8"
+        extras = [*(["double quantization"] if self.double_quant else []),
+                  *([f"{self.storage} storage"] if self.storage != "uint8" else [])]
+        return self.quantize + (f" with {' and '.join(extras)}" if extras else "")
+
+    def bnb_config(self, compute_dtype: torch.dtype | None = None) -> Any:
+        """The `BitsAndBytesConfig` it was saved with; 4-bit layers computing in `compute_dtype` if given."""
+        from transformers import BitsAndBytesConfig
+
+        config = BitsAndBytesConfig.from_dict(dict(self.record))
+        if compute_dtype is not None and self.quantize != "int8":
+            config.bnb_4bit_compute_dtype = compute_dtype
+        return config
+
+
+def saved_quantization(config: Any) -> SavedQuantization | None:
+    """What a config (a dict, a transformers config) says its weights were saved as; None: not quantized.
+
+    Raises:
+        UnsupportedQuantizationError: the weights are quantized by another method (gptq, awq,
+            ...), which kbitprep does not train from; the message names what it supports.
+    """
+    if isinstance(config, Mapping):
+        record = config.get("quantization_config")
+    else:
+        record = getattr(config, "quantization_config", None)
+    if record is not None and not isinstance(record, Mapping):
+        record = record.to_dict()  # a QuantizationConfig object
+    if not record:
+        return None
+    method = str(record.get("quant_method", "bitsandbytes"))
+    four_bit, eight_bit = bool(record.get("load_in_4bit")), bool(record.get("load_in_8bit"))
+    if method != "bitsandbytes" or not (four_bit or eight_bit):
+        raise UnsupportedQuantizationError(
+            f"the weights are saved quantized by {method!r}, which kbitprep does not load for training; it takes "
+            "models saved quantized by bitsandbytes (4-bit nf4/fp4, 8-bit) or full-precision ones. Use the "
+            "model's full-precision folder")
+    if eight_bit:
+        return SavedQuantization("int8", False, "uint8", None, record)
+    quant_type = str(record.get("bnb_4bit_quant_type", "fp4"))
+    if quant_type not in ("nf4", "fp4"):
+        raise UnsupportedQuantizationError(f"bitsandbytes 4-bit type {quant_type!r} is not one kbitprep knows "
+                                           "(nf4, fp4); use the model's full-precision folder")
+    compute = record.get("bnb_4bit_compute_dtype")
+    return SavedQuantization(quant_type, bool(record.get("bnb_4bit_use_double_quant")),
+                             str(record.get("bnb_4bit_quant_storage") or "uint8").removeprefix("torch."),
+                             str(compute).removeprefix("torch.") if compute else None, record)
+
+
+def resolve_quantize(config: Any, requested: str, *, where: str = "the model") -> tuple[str, SavedQuantization | None]:
+    """The `--quantize` a run uses on a model, and what the model was saved quantized as.
+
+    The rule: a folder saved already quantized is loaded as saved, never quantized twice;
+    "auto" means exactly that, and nf4 for a folder that is not quantized. An explicit
+    format equal to the saved one is accepted (double quantization and the storage dtype
+    then come from the folder); any other is refused, since the full-precision weights it
+    would need are not there.
+
+    Args:
+        config (Any): the model's config (a dict or a transformers config).
+        requested (str): "auto" or a name in `QUANTIZE_CHOICES`.
+        where (str): the folder, for messages. Default: "the model"
+
+    Returns:
+        tuple[str, SavedQuantization | None]: the resolved name, and the saved quantization (None: not quantized).
+
+    Raises:
+        QuantizeConflictError: `requested` contradicts the saved quantization.
+        UnsupportedQuantizationError: the model is saved quantized by a method other than bitsandbytes.
+        InvalidArgumentError: `requested` is not a known choice.
+    """
+    if requested != QUANTIZE_AUTO and requested not in QUANTIZE_CHOICES:
+        raise InvalidArgumentError(f"quantize must be one of {[QUANTIZE_AUTO, *QUANTIZE_CHOICES]}, not {requested!r}")
+    saved = saved_quantization(config)
+    if saved is None:
+        return (_AUTO_FALLBACK if requested == QUANTIZE_AUTO else requested), None
+    if requested in (QUANTIZE_AUTO, saved.quantize):
+        return saved.quantize, saved
+    why = ("would need the full-precision weights, and the folder holds only the quantized ones"
+           if requested == "none" else "would quantize it a second time, from weights already rounded")
+    raise QuantizeConflictError(
+        f"{where}: is saved already quantized by bitsandbytes ({saved.describe()}); --quantize {requested} {why}. "
+        f"Leave --quantize out (auto loads it as saved) or pass --quantize {saved.quantize}; for another format "
+        "start from the full-precision model")
 
 
 def bnb_config_for(quantize: str, compute_dtype: torch.dtype | None = None) -> Any:

@@ -176,7 +176,8 @@ def render_inspect_report(console: Console, report: InspectReport) -> None:
     """One table row per upcast policy, then what all policies share."""
     source = "sized from config.json on the meta device, no weights loaded" if report.source == "meta" \
         else "weights loaded"
-    console.print(f"[bold]{report.model}[/]  {report.architecture}  quantize={report.quantize}  "
+    saved = f" (saved quantized: {report.saved})" if report.saved else ""
+    console.print(f"[bold]{report.model}[/]  {report.architecture}  quantize={report.quantize}{saved}  "
                   f"[dim]{source}; {report.seconds:.1f} s[/]", highlight=False)
     first = next(iter(report.plans.values()))
     console.print(f"backend: {first.quantization or 'not quantized'} ({first.detection.evidence})",

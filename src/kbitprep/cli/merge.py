@@ -21,6 +21,13 @@ def add_parser(commands: argparse._SubParsersAction) -> argparse.ArgumentParser:
     parser.add_argument("--output", metavar="DIR", required=True, help="the model folder to create (must not exist)")
     parser.add_argument("--dtype", choices=list(MERGE_DTYPES), default=None,
                         help="dtype of the merged weights (default: the base model's)")
+    from ..app.export.gguf import GGUF_ARCHITECTURES, GGUF_DTYPES
+
+    parser.add_argument("--gguf", action="store_true",
+                        help="also write model.gguf for llama.cpp/Ollama, tokenizer and chat template inside "
+                             f"({', '.join(GGUF_ARCHITECTURES)})")
+    parser.add_argument("--gguf-dtype", choices=list(GGUF_DTYPES), default="f16",
+                        help="dtype of the GGUF file's weight matrices; norms stay f32 (default: %(default)s)")
     return parser
 
 
@@ -28,9 +35,12 @@ def run(args: argparse.Namespace, console: Console) -> int:
     from ..app.export.merge import merge_run
 
     with console.status("merging"):
-        report = merge_run(args.run, args.output, dtype=args.dtype)
+        report = merge_run(args.run, args.output, dtype=args.dtype, gguf=args.gguf, gguf_dtype=args.gguf_dtype)
     console.print(f"merged {report.merged} adapted layer(s) into {report.dequantized} dequantized "
                   f"{report.quantize} layer(s) of {report.base}", markup=False, highlight=False)
     console.print(f"wrote {report.output} ({report.dtype}, {report.seconds:.1f} s); load it with "
                   "AutoModelForCausalLM.from_pretrained", markup=False, highlight=False)
+    if report.gguf:
+        console.print(f"wrote {report.gguf} ({args.gguf_dtype}); run it with llama.cpp (llama-cli -m ...) or "
+                      "Ollama (FROM ./model.gguf)", markup=False, highlight=False)
     return 0

@@ -29,7 +29,7 @@ from typing import Any
 from ...errors import KbitPrepError
 from ...loss import LOSS_CHOICES
 from ...plan import UPCAST_POLICIES
-from ...sizing import QUANTIZE_CHOICES
+from ...sizing import QUANTIZE_AUTO, QUANTIZE_CHOICES
 
 COMPUTE_DTYPE_CHOICES = ("auto", "bfloat16", "float16", "float32")
 
@@ -143,7 +143,10 @@ class FinetuneSettings:
                          metavar="MODEL", path=True, resume=True)
     data: str = setting(help="JSONL training data", positional=True, metavar="DATA", path=True, resume=True)
     output: str = setting(help="run folder for adapter, report, plot, checkpoints", metavar="DIR", path=True)
-    quantize: str = setting("nf4", help="weight format", choices=QUANTIZE_CHOICES, group=_MODEL, resume=True)
+    quantize: str = setting(QUANTIZE_AUTO, help="weight format; a model folder saved already quantized by "
+                            "bitsandbytes loads as saved, and another format is refused",
+                            choices=(QUANTIZE_AUTO, *QUANTIZE_CHOICES), group=_MODEL, resume=True,
+                            default_text="auto: as the model folder is saved quantized, else nf4")
     upcast: str = setting("norms", help="which half-precision weights go to float32 (the Python function's "
                           "default stays 'all')", choices=UPCAST_POLICIES, group=_MODEL, resume=True)
     compute_dtype: str = setting("auto", help="the dtype 4-bit layers compute in (with --quantize none, the "
@@ -210,9 +213,17 @@ class FinetuneSettings:
             raise FinetuneError("--eval-steps needs rows to evaluate on: pass --eval-data FILE or --eval-fraction F")
 
     def resolved(self) -> FinetuneSettings:
-        """The same settings with absolute paths, so a resumed run compares them from any folder."""
-        return dataclasses.replace(self, **{s.name: os.path.abspath(getattr(self, s.name))
-                                            for s in SETTINGS if s.option.path and getattr(self, s.name) is not None})
+        """The same settings with absolute paths, so a resumed run compares them from any folder, and
+        `--quantize auto` resolved against the model folder (what the run loads, and report.json records).
+
+        Raises:
+            QuantizeConflictError: `--quantize` contradicts the quantization the model folder was saved with.
+        """
+        from ..model.loading import resolve_folder_quantize
+
+        paths = {s.name: os.path.abspath(getattr(self, s.name))
+                 for s in SETTINGS if s.option.path and getattr(self, s.name) is not None}
+        return dataclasses.replace(self, **paths, quantize=resolve_folder_quantize(self.model, self.quantize))
 
     def to_dict(self) -> dict[str, Any]:
         """The settings as report.json and the INCOMPLETE marker record them."""

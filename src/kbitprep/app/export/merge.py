@@ -41,7 +41,7 @@ if TYPE_CHECKING:
     from torch import nn
 
 __all__ = ["MERGE_DTYPES", "MERGE_RECORD", "MergeError", "MergeReport", "dequantize_layers", "merge_run",
-           "read_finished_run"]
+           "read_finished_run", "run_tokenizer"]
 
 # --dtype value -> torch dtype name; None in the CLI means "the model's own dtype".
 MERGE_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
@@ -86,6 +86,7 @@ class MergeReport:
         dequantized (int): quantized layers turned back into plain weights.
         merged (int): layers that received an adapter update.
         seconds (float): time taken.
+        gguf (str | None): the GGUF file written beside the safetensors (`gguf=True`). Default: None
     """
 
     run: str
@@ -96,6 +97,7 @@ class MergeReport:
     dequantized: int
     merged: int
     seconds: float
+    gguf: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -104,8 +106,12 @@ class MergeReport:
 # --- reading the run -----------------------------------------------------------------------
 
 
-def read_finished_run(run_dir: str | os.PathLike[str]) -> FinishedRun:
+def read_finished_run(run_dir: str | os.PathLike[str], *, command: str = "merge") -> FinishedRun:
     """The settings and adapter of a finished `kbitprep finetune` run; changes nothing.
+
+    Args:
+        run_dir (str | PathLike): the run folder.
+        command (str): the command that reads it ("merge", "generate"), for messages. Default: "merge"
 
     Raises:
         MergeError: the folder is missing, unfinished, not written by kbitprep, or its
@@ -118,10 +124,10 @@ def read_finished_run(run_dir: str | os.PathLike[str]) -> FinishedRun:
     state = RunFolder(path).state()
     if state == "incomplete":
         raise MergeError(f"{path}: holds an unfinished run ({INCOMPLETE}); finish it first with "
-                         "`kbitprep finetune ... --resume`, then merge")
+                         f"`kbitprep finetune ... --resume`, then {command}")
     report = _read_report(path) if state == "finished" else None
     if report is None:
-        hint = " (it holds a bare adapter; merge needs the whole run folder)" \
+        hint = f" (it holds a bare adapter; {command} needs the whole run folder)" \
             if (path / "adapter_config.json").is_file() else ""
         raise MergeError(f"{path}: is not a kbitprep run folder{hint}; pass the --output folder of a finished "
                          "`kbitprep finetune` run")
@@ -132,7 +138,7 @@ def read_finished_run(run_dir: str | os.PathLike[str]) -> FinishedRun:
     try:
         check_model_folder(run.model)
     except ModelFolderError as error:
-        raise MergeError(f"the run's base model is not usable: {error}; merge needs the folder the run "
+        raise MergeError(f"the run's base model is not usable: {error}; {command} needs the folder the run "
                          "trained on, where it was") from None
     return run
 
@@ -290,7 +296,7 @@ def _staged_folder(output: Path) -> Iterator[Path]:
         raise
 
 
-def _tokenizer(run: FinishedRun) -> Any:
+def run_tokenizer(run: FinishedRun) -> Any:
     """The run's tokenizer, carrying the chat template the run trained with."""
     tokenizer = load_tokenizer(run.model)
     template = run.settings.get("chat_template")
@@ -315,13 +321,16 @@ def _output_dtype(run: FinishedRun, dtype: str | None) -> torch.dtype:
 
 
 def merge_run(run_dir: str | os.PathLike[str], output: str | os.PathLike[str], *,
-              dtype: str | None = None) -> MergeReport:
+              dtype: str | None = None, gguf: bool = False, gguf_dtype: str = "f16") -> MergeReport:
     """Write a standalone model folder: the run's base, dequantized as it was trained, plus its adapter.
 
     Args:
         run_dir (str | PathLike): the folder of a finished `kbitprep finetune` run.
         output (str | PathLike): the model folder to create; it must not exist.
         dtype (str | None): "bf16", "fp16" or "fp32"; None keeps the base model's dtype. Default: None
+        gguf (bool): also write the merged model as `model.gguf` (llama.cpp, Ollama), tokenizer and
+            chat template inside (`kbitprep.app.export.gguf`). Default: False
+        gguf_dtype (str): "f32", "f16" or "bf16": the GGUF file's 2-D weights. Default: "f16"
 
     Returns:
         MergeReport: what was merged and written.
@@ -329,6 +338,8 @@ def merge_run(run_dir: str | os.PathLike[str], output: str | os.PathLike[str], *
     Raises:
         MergeError: the run is unfinished, not kbitprep's, or its base is gone; the output
             exists; nothing is written.
+        GgufError: with `gguf`, an architecture or tokenizer with no GGUF form here (checked before
+            loading where the config tells); nothing is written.
 
     Example:
         >>> merge_run("runs/demo", "merged", dtype="bf16").merged
@@ -339,7 +350,13 @@ def merge_run(run_dir: str | os.PathLike[str], output: str | os.PathLike[str], *
     output = Path(output)
     _check_output(output)
     target = _output_dtype(run, dtype)
-    tokenizer = _tokenizer(run)
+    if gguf:
+        from .gguf import GGUF_DTYPES, GgufError, gguf_architecture
+
+        if gguf_dtype not in GGUF_DTYPES:
+            raise GgufError(f"--gguf-dtype must be one of {', '.join(GGUF_DTYPES)}, not {gguf_dtype!r}")
+        gguf_architecture(check_model_folder(run.model))  # an unsupported one costs no load
+    tokenizer = run_tokenizer(run)
     model: Any = load_quantized_model(run.model, run.settings["quantize"], device_index=_device_index())
     dequantized = dequantize_layers(model)
     merged = merge_adapter(model, run.adapter, target)
@@ -350,6 +367,11 @@ def merge_run(run_dir: str | os.PathLike[str], output: str | os.PathLike[str], *
     with _staged_folder(output) as staging:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
+        if gguf:
+            from .gguf import GGUF_FILE, write_gguf
+
+            write_gguf(model, tokenizer, staging, staging / GGUF_FILE, dtype=gguf_dtype)
+            report = dataclasses.replace(report, gguf=str(output.absolute() / GGUF_FILE))
         report = dataclasses.replace(report, seconds=time.perf_counter() - started)
         (staging / MERGE_RECORD).write_text(json.dumps(report.to_dict(), indent=2) + "\n", encoding="utf-8")
     return report

@@ -126,7 +126,8 @@ class MemorySettings:
     """What decides a training step's memory. Names and defaults are `kbitprep finetune`'s settings.
 
     Args:
-        quantize (str): "nf4", "fp4", "int8" or "none". Default: finetune's
+        quantize (str): "auto" (as a config saved quantized records, else nf4), "nf4", "fp4", "int8" or
+            "none". Default: finetune's
         upcast (str): "all", "norms" or "none". Default: finetune's
         lora_r (int): LoRA rank. Default: finetune's
         lora_alpha (float): LoRA scaling numerator (no effect on memory; peft is given it). Default: finetune's
@@ -161,10 +162,11 @@ class MemorySettings:
     def check(self) -> None:
         """Raise `MemoryModelError` naming the first setting that is out of range."""
         from ...plan import UPCAST_POLICIES
-        from ...sizing import QUANTIZE_CHOICES
+        from ...sizing import QUANTIZE_AUTO, QUANTIZE_CHOICES
 
+        quantize_choices = (QUANTIZE_AUTO, *QUANTIZE_CHOICES)  # auto: as the config is saved quantized, else nf4
         rules = [
-            (self.quantize in QUANTIZE_CHOICES, f"quantize must be one of {', '.join(QUANTIZE_CHOICES)}"),
+            (self.quantize in quantize_choices, f"quantize must be one of {', '.join(quantize_choices)}"),
             (self.upcast in UPCAST_POLICIES, f"upcast must be one of {', '.join(UPCAST_POLICIES)}"),
             (self.lora_r >= 1, "lora_r must be at least 1"),
             (0 <= self.lora_dropout < 1, "lora_dropout must be in [0, 1)"),

@@ -34,6 +34,8 @@ class InspectReport:
         devices (int): processes the run would be sharded over. Default: 1
         sharding (dict[str, dict[str, ShardingPlan]]): upcast policy -> wrapper ("fsdp2",
             "fsdp1") -> bytes per process and diagnostics; empty when `devices` is 1. Default: {}
+        saved (str | None): how the folder is saved quantized ("nf4 with double quantization"); None:
+            not quantized. Default: None
     """
 
     model: str
@@ -44,9 +46,10 @@ class InspectReport:
     seconds: float
     devices: int = 1
     sharding: dict[str, dict[str, ShardingPlan]] = dataclasses.field(default_factory=dict)
+    saved: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        data = {"model": self.model, "quantize": self.quantize, "source": self.source,
+        data = {"model": self.model, "quantize": self.quantize, "saved_quantized": self.saved, "source": self.source,
                 "architecture": self.architecture, "seconds": round(self.seconds, 3),
                 "plans": {policy: plan.to_dict() for policy, plan in self.plans.items()}}
         if self.sharding:
@@ -63,13 +66,14 @@ def without_meta_error(plan: PreparationPlan) -> PreparationPlan:
     return dataclasses.replace(plan, diagnostics=tuple(d for d in plan.diagnostics if d.code != META_DEVICE.code))
 
 
-def inspect_model(path: str | os.PathLike[str], *, quantize: str = "nf4", meta: bool = False,
+def inspect_model(path: str | os.PathLike[str], *, quantize: str = "auto", meta: bool = False,
                   devices: int = 1) -> InspectReport:
     """Plan the preparation of a local model under each upcast policy, changing nothing on disk.
 
     Args:
         path (str | PathLike): the model folder (config.json; weights optional).
-        quantize (str): "nf4", "fp4", "int8" or "none". Default: "nf4"
+        quantize (str): "auto" (a folder saved quantized as saved, else nf4), "nf4", "fp4", "int8" or
+            "none"; one that contradicts how the folder is saved quantized is refused. Default: "auto"
         meta (bool): size from config.json even when weights are present. Default: False
         devices (int): processes to size a sharded (FSDP) run for; 1 sizes no sharding. Default: 1
 
@@ -78,11 +82,14 @@ def inspect_model(path: str | os.PathLike[str], *, quantize: str = "nf4", meta: 
 
     Raises:
         ModelFolderError: the folder or its config.json cannot be used.
+        QuantizeConflictError: `quantize` contradicts how the folder is saved quantized.
     """
+    from ...backends.bitsandbytes import resolve_quantize
     from ...sizing import build_meta_model
 
     started = time.perf_counter()
     config = check_model_folder(path, need_weights=False)
+    quantize, saved = resolve_quantize(config, quantize, where=os.fspath(path))
     if meta or not has_weights(path):
         try:
             model = build_meta_model(os.fspath(path), quantize=quantize)
@@ -102,4 +109,5 @@ def inspect_model(path: str | os.PathLike[str], *, quantize: str = "nf4", meta: 
         model=os.fspath(path), quantize=quantize, source=source,
         architecture=f"{config.get('model_type', '?')} ({architectures[0]})",
         plans=plans, seconds=time.perf_counter() - started, devices=devices, sharding=sharding,
+        saved=saved.describe() if saved is not None else None,
     )

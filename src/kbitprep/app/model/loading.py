@@ -35,6 +35,7 @@ __all__ = [
     "load_tokenizer",
     "model_fingerprint",
     "resolve_compute_dtype",
+    "resolve_folder_quantize",
 ]
 
 WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin", "model*.bin")
@@ -110,11 +111,39 @@ def check_config_values(config: dict[str, Any], config_file: str | os.PathLike[s
                                "value (numbers without quotes, true/false for switches)") from None
 
 
-def check_weight_shapes(model_dir: str | os.PathLike[str]) -> None:
+def resolve_folder_quantize(model_dir: str | os.PathLike[str], requested: str) -> str:
+    """The `--quantize` a run uses on a model folder: "auto" resolved, a contradiction refused.
+
+    The rule is `kbitprep.backends.bitsandbytes.resolve_quantize`: a folder saved already
+    quantized by bitsandbytes loads as saved ("auto", or its own format named explicitly),
+    any other folder gets nf4 for "auto". A folder without a readable config.json keeps
+    `requested` ("auto": nf4): the checks that load it name what is wrong.
+
+    Raises:
+        QuantizeConflictError: `requested` contradicts the quantization the folder was saved with.
+        UnsupportedQuantizationError: the folder is saved quantized by gptq, awq, ...
+    """
+    from ...backends.bitsandbytes import resolve_quantize
+
+    try:
+        config = json.loads((Path(model_dir) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        config = {}
+    return resolve_quantize(config if isinstance(config, dict) else {}, requested, where=os.fspath(model_dir))[0]
+
+
+def check_weight_shapes(model_dir: str | os.PathLike[str], quantize: str = "none") -> None:
     """Compare the shapes in the weight files' headers with the model config.json describes, before loading.
 
     Only `.safetensors` headers are read (no tensor data); names the files and the model
-    do not share (checkpoints in an older layout) are left to transformers.
+    do not share (checkpoints in an older layout, the quantization state a pre-quantized
+    folder stores beside each 4-bit weight) are left to transformers. A folder saved
+    quantized is compared with the skeleton of that quantization, whose 4-bit weights
+    have the packed shape the files hold.
+
+    Args:
+        model_dir (str | PathLike): the model folder.
+        quantize (str): the quantization the files hold: "none", or the saved format. Default: "none"
 
     Raises:
         ModelFolderError: a tensor has another shape than config.json gives it.
@@ -127,8 +156,12 @@ def check_weight_shapes(model_dir: str | os.PathLike[str]) -> None:
     if not files:
         return
     try:
-        expected = {name: tuple(t.shape) for name, t in build_meta_model(os.fspath(model_dir), quantize="none")
-                    .state_dict().items()}
+        skeleton = build_meta_model(os.fspath(model_dir), quantize=quantize)
+        # Parameters and buffers, not state_dict(): a 4-bit layer's state_dict reads its quant
+        # state's values, which a meta skeleton does not have.
+        expected = {name: tuple(t.shape) for named in (skeleton.named_parameters(remove_duplicate=False),
+                                                       skeleton.named_buffers(remove_duplicate=False))
+                    for name, t in named}
     except Exception:  # noqa: BLE001 - a model the skeleton builder cannot make: transformers will say why
         return
     for file in files:
@@ -225,7 +258,12 @@ def load_tokenizer(model_dir: str | os.PathLike[str]) -> Any:
 
 def load_quantized_model(model_dir: str | os.PathLike[str], quantize: str, *,
                          device_index: int | None = None, compute: str = "auto") -> nn.Module:
-    """A causal LM from a local folder, loaded as `quantize` says ("nf4", "fp4", "int8", "none").
+    """A causal LM from a local folder, loaded as `quantize` says ("auto", "nf4", "fp4", "int8", "none").
+
+    A folder saved already quantized by bitsandbytes (its config.json has a
+    `quantization_config`) is loaded as saved, not quantized again: "auto" or its own
+    format; any other `quantize` is refused (`resolve_folder_quantize`). "auto" on any
+    other folder is nf4.
 
     4-bit layers compute in `resolve_compute_dtype(config, compute)`; a model that is not
     quantized is loaded in that dtype, since all of it computes in the dtype it is stored in.
@@ -235,26 +273,31 @@ def load_quantized_model(model_dir: str | os.PathLike[str], quantize: str, *,
 
     Raises:
         ModelFolderError: transformers cannot load it (unknown architecture, damaged weights, ...).
+        QuantizeConflictError: `quantize` contradicts the quantization the folder was saved with.
     """
     import torch
     from transformers import AutoModelForCausalLM
 
+    from ...backends.bitsandbytes import resolve_quantize
     from ...sizing import bnb_config_for
 
     config = check_model_folder(model_dir)
+    quantize, saved = resolve_quantize(config, quantize, where=os.fspath(model_dir))
     accel = accelerator()
     device = torch.device(accel.type, device_index) if accel is not None and device_index is not None else "cpu"
     computes_in = resolve_compute_dtype(config, compute, device)
     dtype = computes_in if quantize == "none" else compute_dtype(config)
     kwargs: dict[str, Any] = {"dtype": dtype, "local_files_only": True, "trust_remote_code": False}
-    quantization_config = bnb_config_for(quantize, compute_dtype=computes_in)
+    # A saved quantization is read from config.json by transformers itself (a config passed
+    # beside it is ignored with a warning), so the compute dtype is set on the layers after loading.
+    quantization_config = None if saved is not None else bnb_config_for(quantize, compute_dtype=computes_in)
     if quantization_config is not None:
         kwargs["quantization_config"] = quantization_config
     if device_index is not None:
         kwargs["device_map"] = {"": device_index}
     damaged = _damaged_weight_file(model_dir)
     if damaged is None:
-        check_weight_shapes(model_dir)
+        check_weight_shapes(model_dir, quantize if saved is not None else "none")
     try:
         with warnings.catch_warnings(), _held_load_report() as reports:
             warnings.simplefilter("ignore", UserWarning)  # bitsandbytes/transformers notes about CPU-only set-ups
@@ -271,9 +314,23 @@ def load_quantized_model(model_dir: str | os.PathLike[str], quantize: str, *,
                                "shard missing?) or belong to another model: save or download them again")
     for record in reports:  # not replaced by an error: the user still sees what transformers reported
         logging.getLogger(record.name).handle(record)
+    if saved is not None and saved.quantize != "int8":
+        _compute_4bit_in(model, computes_in)
     from ...apply import keep_training_layout
 
     return keep_training_layout(model)
+
+
+def _compute_4bit_in(model: Any, dtype: torch.dtype) -> None:
+    """Make every 4-bit layer compute in `dtype` (what `bnb_4bit_compute_dtype` does for a fresh quantization)."""
+    import bitsandbytes as bnb
+
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.compute_dtype, module.compute_type_is_set = dtype, True
+    record = getattr(model.config, "quantization_config", None)
+    if record is not None and hasattr(record, "bnb_4bit_compute_dtype"):
+        record.bnb_4bit_compute_dtype = dtype
 
 
 @contextlib.contextmanager
