@@ -17,7 +17,8 @@ Each folder owns one concern and says so in its `__init__`:
                   loop: the sharded step loop
     runs/         folder: the run folder (lock, manifest, checkpoints, atomic writes);
                   report: report.json; plot: the loss curve
-    export/       merge: the adapter folded into the dequantized base
+    export/       merge: the adapter folded into the dequantized base; gguf: the merged model as
+                  one GGUF file (llama.cpp); generate: `kbitprep generate` from a run or merged folder
     demo          `kbitprep demo`: the whole pipeline on the model and data shipped in the package
 
 Imports go one way, down this list's dependencies: training uses data, model, memory, runs and
