@@ -1,18 +1,23 @@
-"""Training data for `kbitprep finetune`: JSONL rows, tokenized for causal-LM training.
+"""Training rows for `kbitprep finetune`: the `Row` kinds, the JSONL reader, tokenizing for causal-LM training.
 
-Each line of the file is one JSON object, in one of three forms:
+Every row becomes one of three kinds:
 
-    {"text": "..."}                            every token is trained
-    {"prompt": "...", "completion": "..."}     only the completion is trained; the
-                                               prompt's labels are -100 (ignored by the loss)
-    {"messages": [{"role": "user", "content": "..."}, {"role": "assistant", ...}, ...]}
-                                               rendered with the chat template; only the
-                                               assistant turns are trained (see `chat`)
+    text                every token is trained
+    prompt/completion   only the completion is trained; the prompt's labels are -100
+                        (ignored by the loss)
+    messages            rendered with the chat template; only the assistant turns are
+                        trained (see `chat`)
+
+Which keys of a record make which kind (text, prompt/completion, messages, Alpaca,
+ShareGPT) is the table in `formats`; the files they come in (JSONL, a JSON array,
+Parquet, CSV, a `datasets` folder) are read by `files`. JSONL is read here, one line at
+a time, so that every problem names its line: blank lines are skipped, and any other
+line that is not a row is an error naming the file and the line, raised before
+anything is loaded or written.
 
 `text` and `prompt`/`completion` rows may share a file (both become bos + prompt +
 completion + eos); `messages` rows may not be mixed with them, since the model would be
-taught two formats. Blank lines are skipped. Any other line is an error that names the
-file and the line, raised before anything is loaded or written.
+taught two formats.
 """
 
 from __future__ import annotations
@@ -34,7 +39,9 @@ __all__ = [
     "TokenizedData",
     "check_one_kind",
     "check_token_ids",
+    "messages_row",
     "read_jsonl",
+    "refuse_non_text",
     "tokenize_rows",
 ]
 
@@ -68,7 +75,7 @@ class Row:
         return "messages" if self.messages else "prompt" if self.prompt else "text"
 
 
-def _messages_row(value: Any, line: int, where: str) -> Row:
+def messages_row(value: Any, line: int, where: str) -> Row:
     """A `messages` row: a list of turns, each a role and a content string, with an assistant turn to train."""
     if not isinstance(value, list) or not value:
         raise DataError(f"{where}: \"messages\" must be a non-empty list of {{\"role\": ..., \"content\": ...}} "
@@ -86,34 +93,6 @@ def _messages_row(value: Any, line: int, where: str) -> Row:
         raise DataError(f"{where}: no \"assistant\" turn with content (roles: {roles}), so the row has "
                         "nothing to train")
     return Row(line, messages=tuple(value))
-
-
-def _row_from_object(value: Any, line: int, where: str) -> Row:
-    if not isinstance(value, dict):
-        raise DataError(f"{where}: expected a JSON object such as {{\"text\": ...}}, got {type(value).__name__}")
-    if "messages" in value:
-        return _messages_row(value["messages"], line, where)
-    if "text" in value:
-        text = value["text"]
-        if not isinstance(text, str):
-            raise DataError(f"{where}: \"text\" must be a string, not {type(text).__name__}")
-        if not text:
-            raise DataError(f"{where}: \"text\" is empty")
-        return Row(line, "", text)
-    if "prompt" in value or "completion" in value:
-        missing = [key for key in ("prompt", "completion") if key not in value]
-        if missing:
-            raise DataError(f"{where}: has \"{'prompt' if missing == ['completion'] else 'completion'}\" "
-                            f"but no \"{missing[0]}\"; a row needs both, or a \"text\" field")
-        for key in ("prompt", "completion"):
-            if not isinstance(value[key], str):
-                raise DataError(f"{where}: \"{key}\" must be a string, not {type(value[key]).__name__}")
-        if not value["completion"]:
-            raise DataError(f"{where}: \"completion\" is empty, so the row has nothing to train")
-        return Row(line, value["prompt"], value["completion"])
-    keys = ", ".join(sorted(map(str, value))) or "none"
-    raise DataError(f"{where}: a row needs a \"text\" field, \"prompt\" and \"completion\" fields, "
-                    f"or a \"messages\" list (found: {keys})")
 
 
 def check_one_kind(rows: Sequence[Row], path: str) -> None:
@@ -137,7 +116,6 @@ _NOT_TEXT = (
     (b"\xfd7zXZ\x00", "an xz-compressed file; decompress it first (unxz)"),
     (b"\x28\xb5\x2f\xfd", "a zstd-compressed file; decompress it first (unzstd)"),
     (b"PK\x03\x04", "a zip archive; extract the .jsonl file from it"),
-    (b"PAR1", "a Parquet file; convert it to JSONL, one JSON object per line"),
     (b"\xff\xfe", "UTF-16 text; save the file as UTF-8"),
     (b"\xfe\xff", "UTF-16 text; save the file as UTF-8"),
 )
@@ -157,11 +135,23 @@ def _open_data(path: str) -> Any:
     except OSError as error:
         raise DataError(f"{path}: cannot be read ({error.strerror or error})") from None
     head = handle.peek(8)[:8] if hasattr(handle, "peek") else b""
+    try:
+        refuse_non_text(path, head)
+    except DataError:
+        handle.close()
+        raise
+    return handle
+
+
+def refuse_non_text(path: str | os.PathLike[str], head: bytes) -> None:
+    """Refuse a file whose first bytes show a compressed file, an archive or UTF-16 text, naming the fix.
+
+    Raises:
+        DataError: "DATA: is a gzip-compressed file; decompress it first (gunzip)", ...
+    """
     for magic, what in _NOT_TEXT:
         if head.startswith(magic):
-            handle.close()
             raise DataError(f"{path}: is {what}")
-    return handle
 
 
 def _raw_lines(handle: Any, path: str) -> Iterator[tuple[int, bytes]]:
@@ -178,7 +168,9 @@ def _raw_lines(handle: Any, path: str) -> Iterator[tuple[int, bytes]]:
         yield number, raw.rstrip(b"\r\n")
 
 
-def _row_from_line(raw: bytes, number: int, path: str) -> Row | None:
+def _row_from_line(raw: bytes, number: int, path: str, data_format: str) -> Row | None:
+    from .formats import row_from_record
+
     where = f"{path}:{number}"
     try:
         line = raw.decode("utf-8")
@@ -191,28 +183,33 @@ def _row_from_line(raw: bytes, number: int, path: str) -> Row | None:
         value = json.loads(line)
     except json.JSONDecodeError as error:
         raise DataError(f"{where}: not valid JSON (column {error.colno}: {error.msg})") from None
-    return _row_from_object(value, number, where)
+    return row_from_record(value, number, where, data_format)
 
 
-def read_jsonl(path: str | os.PathLike[str]) -> list[Row]:
+def read_jsonl(path: str | os.PathLike[str], data_format: str = "auto") -> list[Row]:
     """Read and check every row of a JSONL file, one line at a time.
+
+    Other containers (a JSON array, Parquet, CSV, a `datasets` folder) are read by
+    `kbitprep.app.data.files.read_data`, which comes here for JSONL.
 
     Args:
         path (str | PathLike): the file.
+        data_format (str): the rows' format (`kbitprep.app.data.formats`); "auto" recognises
+            each row's. Default: "auto"
 
     Returns:
         list[Row]: the rows, in file order.
 
     Raises:
         DataError: the file is missing, unreadable, empty, compressed or not UTF-8 text,
-            or a line is not UTF-8, not JSON, absurdly long, or lacks the fields; the
+            or a line is not UTF-8, not JSON, absurdly long, or matches no data format; the
             message names the file and line.
     """
     path = os.fspath(path)
     with _open_data(path) as handle:
         try:
             rows = [row for number, raw in _raw_lines(handle, path)
-                    if (row := _row_from_line(raw, number, path)) is not None]
+                    if (row := _row_from_line(raw, number, path, data_format)) is not None]
         except OSError as error:
             raise DataError(f"{path}: cannot be read ({error.strerror or error})") from None
     if not rows:
