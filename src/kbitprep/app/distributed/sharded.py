@@ -156,16 +156,21 @@ class ShardedFinetuneRun(FinetuneRun):
     def train(self) -> None:
         """Train with `ShardedTraining`, from the resume checkpoint if there is one."""
         from ..training.sampling import pad_token_id
+        from ..training.tensorboard_log import open_tensorboard
         from .loop import ShardedTraining
 
         self.loss_plan = ModelOwnLoss()  # type: ignore[assignment]  # LossPlan's reason/to_dict, no chunks
         if self.settings.loss != "full":
             self.observer.on_message(f"--loss {self.settings.loss}: --fsdp computes the model's own (full) loss")
+        board = open_tensorboard(self.settings, self.folder.path, self.device, self.memory, self.main)  # --report-to
         training = ShardedTraining(self.model, self.data, self.settings, pad_token_id(self.tokenizer),
-                                   self.folder.checkpoints_dir, on_checkpoint=self.folder.mark_checkpoint_complete)
+                                   self.folder.checkpoints_dir, on_checkpoint=self.folder.mark_checkpoint_complete,
+                                   on_log=board.log_step if board is not None else None)
         if self.resume_from is not None:
             training.resume(self.resume_from)
         self.history = training.train(self.observer)
+        if board is not None:
+            board.close()
         self.peak = measured_peak(self.device)
         self.evaluations = []  # no evaluation under --fsdp (check_sharded_settings refuses eval rows)
 

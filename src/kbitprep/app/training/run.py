@@ -535,6 +535,7 @@ class FinetuneRun:
         norm or weight before that step's checkpoint is saved and marked complete.
         """
         from .evaluation import make_eval_callback
+        from .tensorboard_log import tensorboard_callbacks
         from .trainer import RunCallback
 
         callbacks: list[TrainerCallback] = [divergence_callback(self.settings.lr, self.settings.lora_alpha),
@@ -543,6 +544,7 @@ class FinetuneRun:
             callbacks.insert(1, make_eval_callback(self.eval_data, self.settings.batch_size,
                                                    pad_token_id(self.tokenizer), self.settings.eval_steps,
                                                    self.observer, loss=getattr(self.settings, "loss", "chunked")))
+        callbacks += tensorboard_callbacks(self.settings, self.folder.path, self.device, self.memory)  # --report-to
         return callbacks
 
     def report(self) -> FinetuneReport:
