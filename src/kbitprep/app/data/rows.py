@@ -57,7 +57,8 @@ class Row:
     """One training example.
 
     Args:
-        line (int): its 1-based line number in the file.
+        line (int): its 1-based line number in a JSONL file, or its row number (from 1) in
+            another container (a JSON array, Parquet, CSV, a `datasets` folder).
         prompt (str): text that conditions the model but is not trained ("" for a `text` row).
         completion (str): the text that is trained (the whole `text` of a `text` row).
         messages (tuple[dict, ...]): the turns of a `messages` row (each with a "role" and a
