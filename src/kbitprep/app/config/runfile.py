@@ -61,8 +61,11 @@ def _expected(s: Setting) -> str:
     return expected + (" or null" if s.default is None else "")
 
 
+_NOT_OF_THE_TYPE = object()  # what `_typed` returns for a value of another type
+
+
 def _typed(s: Setting, value: Any) -> Any:
-    """`value` as the setting's type, or raise TypeError when YAML gave another type."""
+    """`value` as the setting's type, or `_NOT_OF_THE_TYPE` when YAML gave another type."""
     if value is None and s.default is None:
         return None
     kind = s.kind
@@ -77,7 +80,7 @@ def _typed(s: Setting, value: Any) -> Any:
         try:
             return float(value)
         except ValueError:
-            raise TypeError(kind) from None
+            return _NOT_OF_THE_TYPE
     if kind is str and isinstance(value, str):
         return value
     if kind is tuple:
@@ -85,7 +88,7 @@ def _typed(s: Setting, value: Any) -> Any:
             return (value,) if s.option.repeatable else tuple(part.strip() for part in value.split(","))
         if isinstance(value, list) and all(isinstance(item, str) for item in value):
             return tuple(value)
-    raise TypeError(kind)
+    return _NOT_OF_THE_TYPE
 
 
 def _describe(value: Any) -> str:
@@ -146,10 +149,9 @@ def read_run_file(path: str | os.PathLike[str]) -> dict[str, Any]:
         if declared.name in lines:
             raise RunFileError(f"{where}: \"{key}\" is given twice (also on line {lines[declared.name]}); keep one")
         raw = constructor.construct_object(value_node, deep=True)
-        try:
-            value = _typed(declared, raw)
-        except TypeError:
-            raise RunFileError(f"{where}: {key} must be {_expected(declared)}, not {_describe(raw)}") from None
+        value = _typed(declared, raw)
+        if value is _NOT_OF_THE_TYPE:
+            raise RunFileError(f"{where}: {key} must be {_expected(declared)}, not {_describe(raw)}")
         problem = declared.value_problem(value, name=key)
         if problem:
             raise RunFileError(f"{where}: {problem}")
