@@ -105,7 +105,24 @@ def make_workspace(root: pathlib.Path) -> Workspace:
     (root / "taken").mkdir()
     (root / "taken" / "notes.txt").write_text("not a model\n", encoding="utf-8")
     make_hostile_inputs(root, model)
+    make_data_and_run_files(root)
     return space
+
+
+# The data formats' and run files' cases (docs/bad-inputs.md).
+DATA_AND_RUN_FILES = {"qa.jsonl", "broken.parquet", "columns.csv", "typo.yaml", "wrong-type.yaml",
+                      "warmup-both.yaml"}
+
+
+def make_data_and_run_files(root: pathlib.Path) -> None:
+    write_lines(root / "qa.jsonl", [{"question": "q", "answer": "a"}] * 2)  # keys of no format
+    (root / "broken.parquet").write_bytes(b"PAR1 not really a Parquet file")
+    (root / "columns.csv").write_text("a,b\n1,2\n", encoding="utf-8")  # no column a format reads
+    # Paths in a run file are relative to its folder: "model" is root / "model".
+    (root / "typo.yaml").write_text("model: model\nlora_rank: 4\n", encoding="utf-8")
+    (root / "wrong-type.yaml").write_text("model: model\ndata: good.jsonl\nlora_r: sixteen\n", encoding="utf-8")
+    (root / "warmup-both.yaml").write_text("model: model\ndata: good.jsonl\noutput: out-warmup-both\nmax_steps: 1\n"
+                                           "warmup_ratio: 0.1\nwarmup_steps: 2\n", encoding="utf-8")
 
 
 # The run-folder and early-refusal cases: what each holds is named beside it.
@@ -314,6 +331,39 @@ CASES = [
             lambda ws: finetune(ws.model, ws.data, ws / "out-fsdp-pack", "--fsdp", "--pack"),
             lambda ws: ("--fsdp does not train with --pack yet", "train without --fsdp"),
             lambda ws: ws / "out-fsdp-pack"),
+    CliCase("data-of-unknown-keys",
+            lambda ws: finetune(ws.model, ws / "qa.jsonl", ws / "out-qa"),
+            lambda ws: (f"{ws / 'qa.jsonl'}:1", "matches no data format (its keys: answer, question)",
+                        "alpaca (instruction, output)", "prompt-completion (prompt, completion)"),
+            lambda ws: ws / "out-qa"),
+    CliCase("unreadable-parquet",
+            lambda ws: finetune(ws.model, ws / "broken.parquet", ws / "out-parquet"),
+            lambda ws: (str(ws / "broken.parquet"), "cannot be read as a Parquet file (ArrowInvalid"),
+            lambda ws: ws / "out-parquet"),
+    CliCase("csv-without-the-columns",
+            lambda ws: finetune(ws.model, ws / "columns.csv", ws / "out-csv"),
+            lambda ws: (f"{ws / 'columns.csv'}: row 1", "matches no data format (its keys: a, b)"),
+            lambda ws: ws / "out-csv"),
+    CliCase("data-format-contradicts-the-rows",
+            lambda ws: finetune(ws.model, ws.data, ws / "out-data-format", "--data-format", "alpaca"),
+            lambda ws: (f"{ws.data}:1", "--data-format alpaca needs the keys instruction, output",
+                        "pass --data-format text or auto"),
+            lambda ws: ws / "out-data-format"),
+    CliCase("run-file-unknown-key",
+            lambda ws: ["finetune", "--config", str(ws / "typo.yaml")],
+            lambda ws: (f"{ws / 'typo.yaml'}:2", 'unknown key "lora_rank"', 'did you mean "lora_r"?')),
+    CliCase("run-file-wrong-type",
+            lambda ws: ["finetune", "--config", str(ws / "wrong-type.yaml"), "--output", str(ws / "out-wrong-yaml")],
+            lambda ws: (f"{ws / 'wrong-type.yaml'}:3", "lora_r must be a whole number >= 1, not 'sixteen' (text)"),
+            lambda ws: ws / "out-wrong-yaml"),
+    CliCase("warmup-ratio-and-steps-in-a-run-file",
+            lambda ws: ["finetune", "--config", str(ws / "warmup-both.yaml")],
+            lambda ws: ("--warmup-ratio and --warmup-steps cannot be given together; pass one",),
+            lambda ws: ws / "out-warmup-both"),
+    CliCase("warmup-ratio-and-steps",
+            lambda ws: finetune(ws.model, ws.data, ws / "out-warmup", "--warmup-ratio", "0.1", "--warmup-steps", "2"),
+            lambda ws: ("--warmup-steps", "not allowed with argument --warmup-ratio"),
+            lambda ws: ws / "out-warmup"),
     CliCase("unknown-quantize-value",
             lambda ws: finetune(ws.model, ws.data, ws / "out-nf5", "--quantize", "nf5"),
             lambda ws: ("--quantize", "nf5", "nf4"),
@@ -350,10 +400,15 @@ def workspace(tmp_path_factory: pytest.TempPathFactory) -> Workspace:
 
 
 @pytest.fixture(scope="module")
-def outcomes(workspace: Workspace) -> dict[str, Outcome]:
+def outcomes(workspace: Workspace, request: pytest.FixtureRequest) -> dict[str, Outcome]:
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
+    # Only the selected cases run (`-k`), unless a test that reads them all is selected too.
+    selected = {item.callspec.params["case"].id for item in request.session.items
+                if hasattr(item, "callspec") and "case" in item.callspec.params}
+    if any(item.name == "test_failed_runs_leave_nothing_behind" for item in request.session.items):
+        selected = {case.id for case in CASES}
     with concurrent.futures.ThreadPoolExecutor(max_workers=PARALLEL_RUNS) as pool:
-        futures = {case.id: pool.submit(run_case, case, workspace, env) for case in CASES}
+        futures = {case.id: pool.submit(run_case, case, workspace, env) for case in CASES if case.id in selected}
         return {case_id: future.result() for case_id, future in futures.items()}
 
 
@@ -376,5 +431,6 @@ def test_failed_runs_leave_nothing_behind(workspace: Workspace, outcomes: dict[s
     """No output folder, staging folder or temporary file from any of the failed runs."""
     made = {"model", "good.jsonl", "no-config", "config-only", "truncated", "bad-line.jsonl",
             "empty.jsonl", "latin1.jsonl", "long-prompts.jsonl", "finished-run", "locked",
-            "unfinished-run", "merge-ready-run", "taken", "chat.jsonl", "mixed.jsonl", *HOSTILE}
+            "unfinished-run", "merge-ready-run", "taken", "chat.jsonl", "mixed.jsonl", *HOSTILE,
+            *DATA_AND_RUN_FILES}
     assert {entry.name for entry in workspace.root.iterdir()} <= made

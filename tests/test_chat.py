@@ -19,7 +19,8 @@ from kbitprep.app.data.chat import (
     read_chat_template,
     tokenize_conversation,
 )
-from kbitprep.app.data.rows import IGNORE_INDEX, DataError, Row, read_jsonl
+from kbitprep.app.data.rows import IGNORE_INDEX, DataError, Row
+from kbitprep.app.data.jsonl import read_jsonl
 from kbitprep.app.data.tokenize import tokenize_rows
 
 CHATML = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + "

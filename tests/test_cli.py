@@ -132,7 +132,7 @@ def test_demo_learns_and_writes_its_outputs(workdir: Path) -> None:
     assert {"load_s", "train_s", "total_s"} <= set(report["timings"])
     assert [s["prompt"] for s in report["samples"]] == ["klm", "3456"]
     assert sorted(p.name for p in run.iterdir()) == [".kbitprep-manifest.json", "adapter", "base-model", "loss.png",
-                                                     "report.json"]
+                                                     "report.json", "run.yaml"]
     assert {"adapter_model.safetensors", "adapter_config.json"} <= {p.name for p in (run / "adapter").iterdir()}
     assert (run / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -152,7 +152,7 @@ def test_finetune_prompt_completion_adapter_reloads_with_the_reported_loss(
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     from kbitprep import prepare_model_for_kbit_training
-    from kbitprep.app.data.rows import read_jsonl
+    from kbitprep.app.data.jsonl import read_jsonl
     from kbitprep.app.data.tokenize import tokenize_rows
     from kbitprep.app.training.run import batch_loss, first_batch
     from kbitprep.app.model.loading import load_quantized_model, load_tokenizer
@@ -397,7 +397,8 @@ def test_torchrun_two_processes_write_one_adapter(workdir: Path, tiny_model: Pat
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     report = report_of(run)
     assert report["world_size"] == 2 and report["steps"] == 8
-    assert sorted(p.name for p in run.iterdir()) == [".kbitprep-manifest.json", "adapter", "loss.png", "report.json"]
+    assert sorted(p.name for p in run.iterdir()) == [".kbitprep-manifest.json", "adapter", "loss.png", "report.json",
+                                                     "run.yaml"]
     assert len(list(run.rglob("adapter_model.safetensors"))) == 1
     assert result.stdout.count("fine-tuning finished") == 1  # only the main process reports
 

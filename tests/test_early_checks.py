@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from kbitprep.app.data import rows as data_module
-from kbitprep.app.data.rows import DataError, Row, read_jsonl
+from kbitprep.app.data import jsonl as data_module
+from kbitprep.app.data.rows import DataError, Row
+from kbitprep.app.data.jsonl import read_jsonl
 from kbitprep.app.data.tokenize import tokenize_rows
 
 

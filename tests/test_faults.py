@@ -33,11 +33,12 @@ ALPHABET = "abcdefghijklmnopqrstuvwxyz"
 # Checkpoints at steps 2 and 4 (the last); dropout on, so the resumed RNG state matters.
 RUN = ["--max-steps", "4", "--save-steps", "2", "--seq-len", "32", "--batch-size", "4", "--lr", "1e-2",
        "--lora-r", "4", "--lora-alpha", "8", "--lora-dropout", "0.1"]
-FINISHED = [MANIFEST, "adapter", "loss.png", "report.json"]
+FINISHED = [MANIFEST, "adapter", "loss.png", "report.json", "run.yaml"]
 
 # name: (kind of write, path it matches); the run is killed halfway through that write.
 KILLS = {
     "incomplete-marker": ("write", r"INCOMPLETE"),
+    "run-file": ("write", r"tmp-run\.yaml"),
     "checkpoint-adapter": ("safetensors", r"checkpoint-2/adapter_model\.safetensors$"),
     "checkpoint-optimizer": ("torch-save", r"checkpoint-2/optimizer\.pt$"),
     "checkpoint-marker": ("write", r"checkpoint-4/\.kbitprep-tmp-kbitprep-complete"),

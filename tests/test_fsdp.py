@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 import torch
 
-from kbitprep.app.data.rows import read_jsonl
+from kbitprep.app.data.jsonl import read_jsonl
 from kbitprep.app.data.tokenize import CausalLMCollator, tokenize_rows
 from kbitprep.app.training.run import FinetuneObserver, FinetuneSettings, linear_layer_names
 from kbitprep.app.model.loading import (
@@ -249,7 +249,8 @@ def test_finetune_fsdp_under_torchrun_saves_one_whole_adapter_that_loads_unshard
     report = json.loads((run / "report.json").read_text())
     assert report["world_size"] == 2 and report["steps"] == 4 and report["settings"]["fsdp"] is True
     assert 0.45 <= report["model"]["sharding"]["fraction"] <= 0.55
-    assert sorted(p.name for p in run.iterdir()) == [".kbitprep-manifest.json", "adapter", "loss.png", "report.json"]
+    assert sorted(p.name for p in run.iterdir()) == [".kbitprep-manifest.json", "adapter", "loss.png", "report.json",
+                                                     "run.yaml"]
     assert result.stdout.count("fine-tuning finished") == 1
 
     # The adapter, saved once and whole, on an unsharded base prepared as the run prepared it.
@@ -261,3 +262,46 @@ def test_finetune_fsdp_under_torchrun_saves_one_whole_adapter_that_loads_unshard
     data = tokenize_rows(read_jsonl(DEMO_DATA), tokenizer, 48)
     loss = batch_loss(model, first_batch(data, 2, tokenizer.pad_token_id))
     assert loss == pytest.approx(report["batch_loss_after"], rel=1e-4)
+
+
+@pytest.mark.slow
+def test_finetune_fsdp_logs_each_step_to_tensorboard_with_the_trainers_schedule(tmp_path: Path) -> None:
+    """`--fsdp --report-to tensorboard --lr-scheduler cosine --warmup-steps 1` under torchrun: the sharded loop's
+    learning rates are the schedule the Trainer uses (tests/test_schedule.py), and rank 0 alone logs each step."""
+    import subprocess
+    import sys
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from kbitprep.app.demo import build_tiny_model
+    from kbitprep.app.config.schedule import schedule
+
+    model_dir, run = build_tiny_model(tmp_path / "tiny"), tmp_path / "run"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               "-m", "kbitprep", "finetune", str(model_dir), str(DEMO_DATA), "--output", str(run), "--fsdp",
+               "--max-steps", "4", "--batch-size", "2", "--seq-len", "48", "--report-to", "tensorboard",
+               "--lr-scheduler", "cosine", "--warmup-steps", "1"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    report = json.loads((run / "report.json").read_text())
+
+    settings = FinetuneSettings("m", "d", "o", max_steps=4, lr_scheduler="cosine", warmup_steps=1)
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=settings.lr)
+    scheduler, expected = schedule(optimizer, settings, 4), []
+    for _ in range(4):
+        expected.append(scheduler.get_last_lr()[0])
+        optimizer.step()
+        scheduler.step()
+    history = report["loss_history"]
+    assert [entry["learning_rate"] for entry in history] == pytest.approx(expected, abs=1e-12)
+    assert expected[0] == 0.0 and expected[1] == pytest.approx(settings.lr)
+
+    assert len(list((run / "tensorboard").iterdir())) == 1  # one events file: rank 1 wrote none
+    events = EventAccumulator(str(run / "tensorboard"))
+    events.Reload()
+    assert set(events.Tags()["scalars"]) >= {"train/loss", "train/learning_rate", "train/grad_norm", "memory/peak_bytes"}
+    for tag, key in (("train/loss", "loss"), ("train/learning_rate", "learning_rate"), ("train/grad_norm", "grad_norm")):
+        logged = events.Scalars(tag)
+        assert [e.step for e in logged] == [1, 2, 3, 4]
+        assert [e.value for e in logged] == pytest.approx([entry[key] for entry in history], rel=1e-6, abs=1e-12)

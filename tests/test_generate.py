@@ -39,7 +39,7 @@ def _cli(*args: str, stdin: str = "") -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def chat_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The demo trained on its conversations, long enough to end its turns with <|end|>."""
-    from kbitprep.app.data.rows import read_jsonl
+    from kbitprep.app.data.jsonl import read_jsonl
     from kbitprep.app.demo import DEMO_CHAT_DATA, _base_model, demo_settings
     from kbitprep.app.training.run import run_pipeline
 

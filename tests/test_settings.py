@@ -37,6 +37,8 @@ BAD_VALUES = {
     "batch_size": (0, "0"), "grad_accum": (0, "0"), "max_steps": (0, "0"), "epochs": (-1.0, "-1"),
     "seq_len": (1, "1"), "save_steps": (0, "0"), "max_new_tokens": (0, None), "eval_fraction": (1.0, "1"),
     "eval_steps": (0, "0"), "loss": ("fused", "fused"), "compute_dtype": ("fp8", "fp8"),
+    "lr_scheduler": ("step", "step"), "warmup_ratio": (1.0, "1"), "warmup_steps": (-1, "-1"),
+    "data_format": ("xml", "xml"), "report_to": ("wandb", "wandb"),
 }
 
 
@@ -46,7 +48,7 @@ def finetune_parser() -> argparse.ArgumentParser:
 
 
 def actions_by_dest(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:
-    return {action.dest: action for action in parser._actions if action.dest not in ("help", "debug")}
+    return {action.dest: action for action in parser._actions if action.dest not in ("help", "debug", "config")}
 
 
 def test_the_parser_has_exactly_the_declared_cli_settings() -> None:
@@ -69,9 +71,9 @@ def test_each_option_shows_the_declared_help_default_and_flag(declared: Setting)
         assert action.option_strings == [] and action.metavar == declared.option.metavar
         return
     assert action.option_strings == [declared.flag]
-    assert action.required == declared.required
-    if not declared.required:
-        assert declared.from_cli(action.default) == declared.default
+    # Nothing is required and nothing defaults in the namespace: a --config file may give any
+    # setting, and only the options given on the command line override it.
+    assert not action.required and action.default is argparse.SUPPRESS
     if declared.option.default_text:
         assert f"(default: {declared.option.default_text})" in shown
     elif declared.default not in (None, False, ()) and not declared.required:
@@ -83,21 +85,24 @@ def test_every_cli_option_parses_a_non_default_value_into_the_settings() -> None
             "--lora-alpha", "8", "--lora-dropout", "0", "--target-modules", "q_proj, v_proj", "--lr", "1e-3",
             "--batch-size", "2", "--grad-accum", "3", "--max-steps", "7", "--seq-len", "64", "--seed", "5",
             "--loss", "full", "--save-steps", "9", "--fsdp", "--resume", "--sample", "a", "--sample", "b c",
-            "--chat-template", "chat.jinja", "--pack", "--eval-fraction", "0.1", "--eval-steps", "5"]
+            "--chat-template", "chat.jinja", "--pack", "--eval-fraction", "0.1", "--eval-steps", "5",
+            "--lr-scheduler", "cosine", "--warmup-ratio", "0.1", "--data-format", "alpaca",
+            "--report-to", "tensorboard"]
     parsed = FinetuneSettings.from_args(finetune_parser().parse_args(argv))
     expected = FinetuneSettings("models/tiny", "train.jsonl", "runs/tiny", quantize="int8", upcast="all",
                                 compute_dtype="float32", lora_r=4, lora_alpha=8.0, lora_dropout=0.0,
                                 target_modules=("q_proj", "v_proj"), lr=1e-3, batch_size=2, grad_accum=3, max_steps=7,
                                 seq_len=64, seed=5, loss="full", save_steps=9, fsdp=True, resume=True,
                                 samples=("a", "b c"), chat_template="chat.jinja", pack=True, eval_fraction=0.1,
-                                eval_steps=5)
+                                eval_steps=5, lr_scheduler="cosine", warmup_ratio=0.1, data_format="alpaca",
+                                report_to="tensorboard")
     assert parsed == expected
     changed = {f.name for f in dataclasses.fields(FinetuneSettings)
                if getattr(parsed, f.name) != getattr(FinetuneSettings("m", "d", "o"), f.name)}
     untouched = {s.name for s in SETTINGS if s.option.cli} - changed
     # the paths are required anyway; --epochs is exclusive with --max-steps; --overwrite with --resume;
-    # --eval-data with --eval-fraction
-    assert untouched == {"epochs", "overwrite", "eval_data"}
+    # --eval-data with --eval-fraction; --warmup-steps with --warmup-ratio
+    assert untouched == {"epochs", "overwrite", "eval_data", "warmup_steps"}
 
 
 def test_every_bounded_setting_has_a_bad_value() -> None:
@@ -134,8 +139,17 @@ OTHER_VALUES = {
     "resume": True,
     "overwrite": True, "samples": ("a",), "max_new_tokens": 3, "chat_template": "t.jinja", "pack": True,
     "eval_data": "e.jsonl", "eval_fraction": 0.2, "eval_steps": 3, "loss": "full",
-    "compute_dtype": "float32",
+    "compute_dtype": "float32", "lr_scheduler": "cosine", "warmup_ratio": 0.1, "warmup_steps": 5,
+    "data_format": "alpaca", "report_to": "tensorboard",
 }
+
+
+def test_settings_that_exclude_each_other_are_refused_together_by_the_library_too() -> None:
+    with pytest.raises(FinetuneError, match="^--warmup-ratio and --warmup-steps cannot be given together; pass one$"):
+        FinetuneSettings("m", "d", "o", warmup_ratio=0.1, warmup_steps=5).check()
+    with pytest.raises(FinetuneError, match="^--eval-data and --eval-fraction cannot be given together"):
+        FinetuneSettings("m", "d", "o", eval_data="e.jsonl", eval_fraction=0.1).check()
+    FinetuneSettings("m", "d", "o", max_steps=5, warmup_steps=2).check()  # epochs keeps its default: no conflict
 
 
 def test_eval_steps_needs_rows_to_evaluate_on() -> None:

@@ -20,7 +20,7 @@ import shutil
 from importlib import resources
 from pathlib import Path
 
-from .data.rows import read_jsonl
+from .data.jsonl import read_jsonl
 from .runs.folder import BASE_MODEL_DIR, atomic_directory
 from .training.run import FinetuneObserver, FinetuneReport, FinetuneSettings, run_pipeline
 

@@ -30,14 +30,18 @@ from ...errors import KbitPrepError
 from ...loss import LOSS_CHOICES
 from ...plan import UPCAST_POLICIES
 from ...sizing import QUANTIZE_AUTO, QUANTIZE_CHOICES
+from ..data.formats import DATA_FORMAT_CHOICES
+from .schedule import SCHEDULE_CHOICES
 
 COMPUTE_DTYPE_CHOICES = ("auto", "bfloat16", "float16", "float32")
+REPORT_TO_CHOICES = ("none", "tensorboard")
 
 __all__ = [
     "COMPUTE_DTYPE_CHOICES",
     "FRACTION",
     "OPEN_FRACTION",
     "POSITIVE",
+    "REPORT_TO_CHOICES",
     "SETTINGS",
     "Bound",
     "FinetuneError",
@@ -46,6 +50,7 @@ __all__ = [
     "Setting",
     "add_arguments",
     "at_least",
+    "given_settings",
     "markdown_table",
     "setting",
 ]
@@ -132,7 +137,7 @@ def setting(default: Any = dataclasses.MISSING, **option: Any) -> Any:
     return dataclasses.field(default=default, metadata={_METADATA_KEY: Option(**option)})
 
 
-_MODEL, _TRAINING, _DATA, _EVAL = "model and adapter", "training", "data", "evaluation"
+_MODEL, _TRAINING, _DATA, _EVAL, _LOGGING = "model and adapter", "training", "data", "evaluation", "logging"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,7 +146,8 @@ class FinetuneSettings:
 
     model: str = setting(help="local model folder: config.json, weights, tokenizer", positional=True,
                          metavar="MODEL", path=True, resume=True)
-    data: str = setting(help="JSONL training data", positional=True, metavar="DATA", path=True, resume=True)
+    data: str = setting(help="training data: JSONL, a JSON array, Parquet, CSV, or a folder saved by the datasets "
+                        "library", positional=True, metavar="DATA", path=True, resume=True)
     output: str = setting(help="run folder for adapter, report, plot, checkpoints", metavar="DIR", path=True)
     quantize: str = setting(QUANTIZE_AUTO, help="weight format; a model folder saved already quantized by "
                             "bitsandbytes loads as saved, and another format is refused",
@@ -172,6 +178,15 @@ class FinetuneSettings:
                                     group=_TRAINING, exclusive="length", resume=True)
     epochs: float = setting(1.0, help="passes over the data", bound=POSITIVE, metavar="E", group=_TRAINING,
                             exclusive="length", resume=True)
+    lr_scheduler: str = setting("linear", help="how the learning rate goes from its peak to the end: 'linear' "
+                                "decays to zero, 'cosine' along half a cosine, 'constant' stays",
+                                choices=SCHEDULE_CHOICES, group=_TRAINING, resume=True)
+    warmup_ratio: float | None = setting(None, help="rise linearly from zero to --lr over this fraction of the steps",
+                                         bound=FRACTION, metavar="F", group=_TRAINING, exclusive="warmup",
+                                         resume=True, default_text="no warm-up")
+    warmup_steps: int | None = setting(None, help="rise linearly from zero to --lr over this many steps",
+                                       bound=at_least(0), metavar="N", group=_TRAINING, exclusive="warmup",
+                                       resume=True, default_text="no warm-up")
     seq_len: int = setting(512, help="longest sequence in tokens; longer rows are cut", bound=at_least(2),
                            metavar="N", group=_TRAINING, resume=True)
     seed: int = setting(0, help="seed for LoRA init, dropout and data order", group=_TRAINING, resume=True)
@@ -192,9 +207,12 @@ class FinetuneSettings:
     chat_template: str | None = setting(None, help="Jinja chat template file to render \"messages\" rows with",
                                         metavar="FILE", path=True, group=_DATA, resume=True,
                                         default_text="the tokenizer's chat template")
+    data_format: str = setting("auto", help="the rows' format; 'auto' recognises it from each row's keys",
+                               choices=DATA_FORMAT_CHOICES, group=_DATA, resume=True)
     pack: bool = setting(False, help="pack rows into sequences of --seq-len tokens (attention and positions "
                          "restart at each row)", group=_DATA, resume=True)
-    eval_data: str | None = setting(None, help="JSONL rows to evaluate on (never trained)", metavar="FILE",
+    eval_data: str | None = setting(None, help="rows to evaluate on (never trained), in any form DATA may take",
+                                    metavar="FILE",
                                     path=True, group=_EVAL, exclusive="eval", resume=True)
     eval_fraction: float | None = setting(None, help="hold this fraction of DATA out of training and evaluate on it",
                                           bound=OPEN_FRACTION, metavar="F", group=_EVAL, exclusive="eval",
@@ -202,6 +220,8 @@ class FinetuneSettings:
     eval_steps: int | None = setting(None, help="evaluate every N optimizer steps (and after the last)",
                                      bound=at_least(1), metavar="N", group=_EVAL,
                                      default_text="a tenth of the run's steps")
+    report_to: str = setting("none", help="'tensorboard' writes the loss, eval loss, learning rate, gradient norm "
+                             "and peak memory into DIR/tensorboard/", choices=REPORT_TO_CHOICES, group=_LOGGING)
 
     def check(self) -> None:
         """Raise `FinetuneError` naming the first setting that is out of range."""
@@ -209,6 +229,11 @@ class FinetuneSettings:
             problem = declared.problem(self)
             if problem:
                 raise FinetuneError(problem)
+        for group in sorted({s.option.exclusive for s in SETTINGS if s.option.exclusive}):
+            given = [s.flag for s in SETTINGS if s.option.exclusive == group and s.default is None
+                     and getattr(self, s.name) is not None]
+            if len(given) > 1:  # the parser refuses them together; the library and a run file must too
+                raise FinetuneError(f"{' and '.join(given)} cannot be given together; pass one")
         if self.eval_steps is not None and self.eval_data is None and self.eval_fraction is None:
             raise FinetuneError("--eval-steps needs rows to evaluate on: pass --eval-data FILE or --eval-fraction F")
 
@@ -285,13 +310,23 @@ class Setting:
         conflicts = self.option.conflicts
         if conflicts and value and getattr(settings, conflicts):
             return f"{self.flag} and {_by_name(conflicts).flag} contradict each other; pass one"
+        return self.value_problem(value)
+
+    def value_problem(self, value: Any, name: str | None = None) -> str | None:
+        """What is wrong with `value` for this setting (outside its choices or range); None if nothing.
+
+        Args:
+            value (Any): a value of the setting's type, or None.
+            name (str | None): how the message names the setting; None: its flag. Default: None
+        """
+        name = name or self.flag
         if value is None:
             return None
         if self.option.choices is not None and value not in self.option.choices:
-            return f"{self.flag} must be one of {', '.join(self.option.choices)}, not {value!r}"
+            return f"{name} must be one of {', '.join(self.option.choices)}, not {value!r}"
         if self.option.bound is not None and not self.option.bound.accept(value):
             shown = ",".join(value) if isinstance(value, tuple) else value
-            return f"{self.flag} must be {self.option.bound.rule}, not {shown!r}"
+            return f"{name} must be {self.option.bound.rule}, not {shown!r}"
         return None
 
     def to_json(self, value: Any) -> Any:
@@ -362,7 +397,7 @@ _document(FinetuneSettings, SETTINGS)
 
 
 def add_arguments(parser: argparse.ArgumentParser, names: Iterable[str] | None = None,
-                  defaults: Mapping[str, Any] | None = None, *, groups: bool = True) -> None:
+                  defaults: Mapping[str, Any] | None = None, *, groups: bool = True, only_given: bool = False) -> None:
     """Add the options of the named settings (default: every CLI setting) to `parser`.
 
     Args:
@@ -371,6 +406,10 @@ def add_arguments(parser: argparse.ArgumentParser, names: Iterable[str] | None =
         defaults (Mapping[str, Any] | None): defaults that replace the declared ones (a replaced
             default makes a required setting optional). Default: None
         groups (bool): put options into their declared `--help` sections and exclusive sets. Default: True
+        only_given (bool): the parsed namespace holds only the options given on the command line
+            (argparse's SUPPRESS default) and none is required, so that a `--config` file can give
+            the rest (`given_settings`, `kbitprep.app.config.runfile.settings_from`). `--help` still
+            shows the declared defaults. Default: False
     """
     wanted = set(names) if names is not None else {s.name for s in SETTINGS if s.option.cli}
     defaults = defaults or {}
@@ -378,7 +417,12 @@ def add_arguments(parser: argparse.ArgumentParser, names: Iterable[str] | None =
     for s in SETTINGS:
         if s.name in wanted:
             container = _container(parser, containers, s) if groups else parser
-            _add_argument(container, s, defaults.get(s.name, s.default))
+            _add_argument(container, s, defaults.get(s.name, s.default), only_given=only_given)
+
+
+def given_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The settings a namespace parsed with `add_arguments(..., only_given=True)` holds: those given, by name."""
+    return {s.name: s.from_cli(getattr(args, s.name)) for s in SETTINGS if hasattr(args, s.name)}
 
 
 def _container(parser: argparse.ArgumentParser, containers: dict[str | None, Any], s: Setting) -> Any:
@@ -394,17 +438,22 @@ def _container(parser: argparse.ArgumentParser, containers: dict[str | None, Any
     return containers[key]
 
 
-def _add_argument(container: Any, s: Setting, default: Any) -> None:
+def _add_argument(container: Any, s: Setting, default: Any, *, only_given: bool = False) -> None:
     help_text = s.help_text(default)
+    if only_given:  # the default is shown, but not stored: an option absent from the namespace was not given
+        help_text = help_text.replace("%(default)s", str(default))
+        default = argparse.SUPPRESS
     if s.option.positional:
-        container.add_argument(s.name, metavar=s.option.metavar, help=help_text)
+        extra = {"nargs": "?", "default": argparse.SUPPRESS} if only_given else {}
+        container.add_argument(s.name, metavar=s.option.metavar, help=help_text, **extra)
     elif s.kind is bool:
         container.add_argument(s.flag, dest=s.name, action="store_true", default=default, help=help_text)
     elif s.option.choices is not None:
         container.add_argument(s.flag, dest=s.name, choices=list(s.option.choices), default=default, help=help_text)
     elif s.option.repeatable:
-        container.add_argument(s.flag, dest=s.name, action="append", type=s.parse, default=list(default),
-                               metavar=s.option.metavar, help=help_text)
+        container.add_argument(s.flag, dest=s.name, action="append", type=s.parse,
+                               default=default if only_given else list(default), metavar=s.option.metavar,
+                               help=help_text)
     else:
         required = default is dataclasses.MISSING
         container.add_argument(s.flag, dest=s.name, type=s.parse, required=required,

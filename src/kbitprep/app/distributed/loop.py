@@ -3,7 +3,8 @@
 The transformers Trainer cannot drive a model that kbitprep shards itself (on CPU its
 FSDP does not engage, and without it accelerate wraps the model in DDP), so this loop
 does the Trainer's job with the Trainer's defaults: AdamW (betas 0.9/0.999, eps 1e-8,
-no weight decay), a linear decay to zero without warm-up, gradients clipped to norm 1.
+no weight decay), the run's learning-rate schedule built as the Trainer builds it
+(`kbitprep.app.config.schedule`), gradients clipped to norm 1.
 
 One optimizer step on N processes computes exactly what one process computes on the
 same global batch, up to float summation order::
@@ -21,7 +22,7 @@ reads them back on resume, so the output folder need only be on rank 0's storage
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ...errors import KbitPrepError
+from ..config.schedule import schedule
 from ..data.rows import IGNORE_INDEX
 from ..data.tokenize import CausalLMCollator, TokenizedData
 from .fsdp import adapter_state
@@ -75,13 +77,15 @@ class ShardedTraining:
         pad_token_id (int): the padding token.
         checkpoints (Path): where checkpoints go (`checkpoint-<step>` folders).
         on_checkpoint (Any): called on rank 0 with (folder, step) once a checkpoint is whole.
+        on_log (Callable[[dict], None] | None): called on rank 0 with each step's history entry
+            (step, loss, learning_rate, grad_norm), as the Trainer's callbacks get its log. Default: None
     """
 
     def __init__(self, model: nn.Module, data: TokenizedData, settings: Any, pad_token_id: int, checkpoints: Path,
-                 on_checkpoint: Any = None) -> None:
+                 on_checkpoint: Any = None, on_log: Callable[[dict[str, float]], None] | None = None) -> None:
         self.model, self.data, self.settings = model, data, settings
         self.collate = CausalLMCollator(pad_token_id)
-        self.checkpoints, self.on_checkpoint = Path(checkpoints), on_checkpoint
+        self.checkpoints, self.on_checkpoint, self.on_log = Path(checkpoints), on_checkpoint, on_log
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.device = next(p.device for p in model.parameters())
         self.per_step = settings.batch_size * settings.grad_accum * self.world
@@ -106,9 +110,7 @@ class ShardedTraining:
         trainable = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(trainable, lr=self.settings.lr, betas=(0.9, 0.999), eps=1e-8,
                                            weight_decay=0.0)
-        total = self.total_steps
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer,
-                                                           lambda step: max(0.0, (total - step) / total))
+        self.scheduler = schedule(self.optimizer, self.settings, self.total_steps)
 
     # --- one step ----------------------------------------------------------------------
 
@@ -137,14 +139,16 @@ class ShardedTraining:
             loss = self.model(**batch, num_items_in_batch=tokens).loss  # sum of token losses / global tokens
             loss.backward()
             total += loss.detach().to(torch.float64)
-        torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad], MAX_GRAD_NORM)
+        norm = torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad], MAX_GRAD_NORM)
+        norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # a DTensor over sharded gradients
         learning_rate = self.scheduler.get_last_lr()[0]
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         dist.all_reduce(total)
         self.step += 1
-        self.history.append({"step": self.step, "loss": float(total), "learning_rate": float(learning_rate)})
+        self.history.append({"step": self.step, "loss": float(total), "learning_rate": float(learning_rate),
+                             "grad_norm": float(norm)})
         return float(total)
 
     def train(self, observer: Any) -> list[dict[str, float]]:
@@ -155,6 +159,8 @@ class ShardedTraining:
             loss = self.train_step()
             if self.rank == 0:
                 observer.on_step(self.step, loss)
+                if self.on_log is not None:
+                    self.on_log(self.history[-1])
             if self.step % self.settings.save_steps == 0 or self.step == self.total_steps:
                 self.save_checkpoint()
         if self.rank == 0:

@@ -5,13 +5,17 @@ from __future__ import annotations
 import warnings
 from typing import TYPE_CHECKING, Protocol
 
-from ..config.settings import FinetuneError
+from ...errors import KbitPrepError
 from .loading import error_summary
 
 if TYPE_CHECKING:
     from torch import nn
 
-__all__ = ["LoraSettings", "attach_lora", "linear_layer_names"]
+__all__ = ["LoraSettings", "LoraTargetError", "attach_lora", "linear_layer_names"]
+
+
+class LoraTargetError(KbitPrepError, ValueError):
+    """`--target-modules` names no module the adapter can wrap; the message lists the linear layers."""
 
 
 class LoraSettings(Protocol):
@@ -47,7 +51,7 @@ def attach_lora(model: nn.Module, settings: LoraSettings) -> nn.Module:
     """The model wrapped by peft with a LoRA adapter as `settings` say.
 
     Raises:
-        FinetuneError: `settings.target_modules` names no module of the model; the message
+        LoraTargetError: `settings.target_modules` names no module of the model; the message
             lists the model's linear layers.
     """
     from peft import LoraConfig, get_peft_model
@@ -67,5 +71,5 @@ def attach_lora(model: nn.Module, settings: LoraSettings) -> nn.Module:
                                     category=FutureWarning)
             return get_peft_model(model, config)
     except ValueError as error:
-        raise FinetuneError(f"--target-modules: {error_summary(error)}; the model's linear layers are "
+        raise LoraTargetError(f"--target-modules: {error_summary(error)}; the model's linear layers are "
                             f"{', '.join(linear) or 'none'}") from None

@@ -60,7 +60,9 @@ __all__ = [
     "MANIFEST",
     "OWNER",
     "REPORT",
+    "RUN_FILE",
     "RUN_NAMES",
+    "TENSORBOARD_DIR",
     "RunFolder",
     "RunFolderError",
     "RunLockedError",
@@ -79,12 +81,14 @@ LOSS_PLOT = "loss.png"
 CHECKPOINTS_DIR = "checkpoints"
 INCOMPLETE = "INCOMPLETE"
 BASE_MODEL_DIR = "base-model"  # the demo's generated base model
+RUN_FILE = "run.yaml"  # the run's resolved settings: `kbitprep finetune --config DIR/run.yaml` repeats it
+TENSORBOARD_DIR = "tensorboard"  # --report-to tensorboard
 CHECKPOINT_COMPLETE = "kbitprep-complete.json"
 MANIFEST = ".kbitprep-manifest.json"
 LOCK = ".kbitprep.lock"
 OWNER = ".kbitprep-owner.json"
 # The names every run writes (the demo adds its base model).
-RUN_NAMES = (INCOMPLETE, CHECKPOINTS_DIR, ADAPTER_DIR, LOSS_PLOT, REPORT)
+RUN_NAMES = (INCOMPLETE, RUN_FILE, CHECKPOINTS_DIR, TENSORBOARD_DIR, ADAPTER_DIR, LOSS_PLOT, REPORT)
 _BOOKKEEPING = (MANIFEST, LOCK, OWNER)  # about the folder, not part of a run's result
 _TMP_PREFIX = ".kbitprep-tmp-"
 _STAGING_PREFIX = ".kbitprep-staging-"

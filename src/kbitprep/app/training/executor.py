@@ -82,6 +82,7 @@ class RunState(Protocol):
     train_data: TokenizedData | PackedData
     eval_data: TokenizedData | None
     model: Any
+    memory: dict[str, Any]  # the predicted peak, for the report and the TensorBoard log
 
     def build(self, model: Any) -> Any:
         """The prepare and adapt phases on `model`; returns the adapted model."""
@@ -163,6 +164,7 @@ class TrainerExecutor(Executor):
         """
         from .divergence import divergence_callback
         from .evaluation import make_eval_callback
+        from .tensorboard_log import tensorboard_callbacks
         from .trainer import RunCallback
 
         settings = run.settings
@@ -171,5 +173,6 @@ class TrainerExecutor(Executor):
         if run.eval_data is not None:  # before RunCallback's save: a checkpoint keeps the step's evaluation
             callbacks.insert(1, make_eval_callback(run.eval_data, settings.batch_size, pad_token_id(run.tokenizer),
                                                    settings.eval_steps, run.observer, loss=settings.loss))
+        callbacks += tensorboard_callbacks(settings, run.folder.path, run.device, run.memory)  # --report-to
         return callbacks
 

@@ -32,9 +32,11 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ..config.runfile import write_run_file
 from ..config.settings import FinetuneError, FinetuneSettings
+from ..data.files import data_fingerprint, read_data
 from ..data.packing import PackedData, check_packing, pack_examples
-from ..data.rows import IGNORE_INDEX, Row, read_jsonl
+from ..data.rows import IGNORE_INDEX, Row
 from ..data.tokenize import TokenizedData, check_token_ids, tokenize_rows
 from ..distributed.processes import barrier, main_decides, start_processes
 from ..memory.live_bytes import PeakMeter, measured_peak
@@ -51,6 +53,7 @@ from ..runs.folder import (
     ADAPTER_DIR,
     LOSS_PLOT,
     REPORT,
+    RUN_FILE,
     RUN_NAMES,
     RunFolder,
     atomic_directory,
@@ -58,7 +61,6 @@ from ..runs.folder import (
     checkpoint_step,
     describe_owner,
     explain_write_failure,
-    file_fingerprint,
 )
 from ..runs.plot import plot_loss
 from ..runs.report import FinetuneReport, package_versions, read_report
@@ -116,7 +118,7 @@ def finetune(settings: FinetuneSettings, observer: FinetuneObserver | None = Non
     """
     settings.check()
     check_model_folder(settings.model)
-    rows = read_jsonl(settings.data)
+    rows = read_data(settings.data, settings.data_format)
     rows, eval_rows = evaluation_rows(settings, rows)
     check_chat_rows(settings, rows)
     return run_pipeline(settings, rows, observer, eval_rows=eval_rows)
@@ -136,7 +138,7 @@ def evaluation_rows(settings: FinetuneSettings, rows: Sequence[Row]) -> tuple[li
         return hold_out(rows, settings.eval_fraction, settings.seed, settings.data)
     if settings.eval_data is None:
         return list(rows), []
-    eval_rows = read_jsonl(settings.eval_data)
+    eval_rows = read_data(settings.eval_data, settings.data_format)
     if (eval_rows[0].kind == "messages") != (rows[0].kind == "messages"):
         raise DataError(f"{settings.eval_data}:{eval_rows[0].line}: --eval-data holds \"{eval_rows[0].kind}\" "
                         f"rows but DATA holds \"{rows[0].kind}\" rows; evaluate on rows of the kind you train on")
@@ -359,6 +361,7 @@ class FinetuneRun:
                 self.check_resume(inputs)
             self.folder.start(overwrite=self.settings.overwrite, settings={**self.settings.to_dict(), **inputs},
                               writes=writes)
+            write_run_file(self.folder.path / RUN_FILE, self.settings)  # `--config DIR/run.yaml` repeats the run
         except BaseException:
             self.folder.unlock()
             raise
@@ -369,11 +372,11 @@ class FinetuneRun:
 
     def inputs_record(self, *, model_made_by_run: bool) -> dict[str, str]:
         """What identifies the run's inputs: the data files' hashes and the model folder's files."""
-        record = {"data_sha256": file_fingerprint(self.settings.data)}
+        record = {"data_sha256": data_fingerprint(self.settings.data)}
         for key, path in (("eval_data_sha256", self.settings.eval_data),
                           ("chat_template_sha256", self.settings.chat_template)):
-            if path and Path(path).is_file():  # a missing one is named by the phase that reads it
-                record[key] = file_fingerprint(path)
+            if path and Path(path).exists():  # a missing one is named by the phase that reads it
+                record[key] = data_fingerprint(path)
         if not model_made_by_run:
             record["model_fingerprint"] = model_fingerprint(self.settings.model)
         return record

@@ -114,14 +114,19 @@ class ShardedExecutor(Executor):
         """Train with `ShardedTraining`, from the resume checkpoint if there is one; gather the adapter."""
         from ..distributed.loop import ShardedTraining
         from .sampling import pad_token_id
+        from .tensorboard_log import open_tensorboard
 
         if run.settings.loss != "full":
             run.observer.on_message(f"--loss {run.settings.loss}: --fsdp computes the model's own (full) loss")
+        board = open_tensorboard(run.settings, run.folder.path, run.device, run.memory, run.main)  # --report-to
         training = ShardedTraining(run.model, run.data, run.settings, pad_token_id(run.tokenizer),
-                                   run.folder.checkpoints_dir, on_checkpoint=run.folder.mark_checkpoint_complete)
+                                   run.folder.checkpoints_dir, on_checkpoint=run.folder.mark_checkpoint_complete,
+                                   on_log=board.log_step if board is not None else None)
         if run.resume_from is not None:
             training.resume(run.resume_from)
         history = training.train(run.observer)
+        if board is not None:
+            board.close()
         self.adapter = adapter_state(run.model)  # collective: every rank takes part, rank 0 saves it
         # No evaluation under --fsdp (check_sharded_settings refuses eval rows).
         return Trained(history=history, evaluations=[], loss_plan=ModelOwnLoss())

@@ -23,7 +23,9 @@ __all__ = ["FinetuneTrainer", "RunCallback", "restore_finished", "training_argum
 
 
 def training_arguments(settings: FinetuneSettings, output_dir: Path) -> TrainingArguments:
-    """The Trainer's arguments for a run: linear decay from `lr`, a log entry and a loss every step."""
+    """The Trainer's arguments for a run: the schedule of `kbitprep.app.config.schedule`, a log entry every step."""
+    from ..config.schedule import TRAINER_SCHEDULES, trainer_warmup
+
     return TrainingArguments(
         output_dir=str(output_dir),
         per_device_train_batch_size=settings.batch_size,
@@ -31,8 +33,8 @@ def training_arguments(settings: FinetuneSettings, output_dir: Path) -> Training
         learning_rate=settings.lr,
         max_steps=settings.max_steps if settings.max_steps is not None else -1,
         num_train_epochs=settings.epochs,
-        lr_scheduler_type="linear",
-        warmup_steps=0,
+        lr_scheduler_type=TRAINER_SCHEDULES[settings.lr_scheduler],
+        warmup_steps=trainer_warmup(settings),
         weight_decay=0.0,
         logging_steps=1,
         logging_nan_inf_filter=False,  # log a non-finite loss as it is (the filter logs it as 0); it stops the run
