@@ -19,7 +19,8 @@ import pytest
 
 from kbitprep.app.data.files import data_fingerprint, read_data
 from kbitprep.app.data.formats import FORMATS, row_from_record
-from kbitprep.app.data.rows import IGNORE_INDEX, DataError, Row, tokenize_rows
+from kbitprep.app.data.rows import IGNORE_INDEX, DataError, Row
+from kbitprep.app.data.tokenize import tokenize_rows
 
 SYSTEM, USER, ASSISTANT = "system", "user", "assistant"
 

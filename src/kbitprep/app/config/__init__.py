@@ -1,1 +1,1 @@
-"""Run settings: each finetune option declared once (the CLI, the checks, resume, report.json, the docs)."""
+"""Run settings: each finetune option declared once (CLI, checks, resume, report.json, docs, run files)."""

@@ -1,1 +1,1 @@
-"""The rows people train on: reading data files, chat conversations, tokenizing, packing."""
+"""The rows people train on: their formats and files, chat conversations, tokenizing, packing."""
