@@ -404,7 +404,7 @@ def outcomes(workspace: Workspace, request: pytest.FixtureRequest) -> dict[str, 
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
     # Only the selected cases run (`-k`), unless a test that reads them all is selected too.
     selected = {item.callspec.params["case"].id for item in request.session.items
-                if hasattr(item, "callspec") and "case" in item.callspec.params}
+                if isinstance(getattr(item, "callspec", None) and item.callspec.params.get("case"), CliCase)}
     if any(item.name == "test_failed_runs_leave_nothing_behind" for item in request.session.items):
         selected = {case.id for case in CASES}
     with concurrent.futures.ThreadPoolExecutor(max_workers=PARALLEL_RUNS) as pool:

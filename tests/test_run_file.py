@@ -81,7 +81,7 @@ def test_keys_take_the_flag_spelling_and_yaml_1_1_numbers(tmp_path: Path) -> Non
     ("lora_r: 1.5\n", r"run\.yaml:1: lora_r must be a whole number >= 1, not 1\.5 \(a number\)"),
     ("pack: 'yes please'\n", r"run\.yaml:1: pack must be true or false, not 'yes please' \(text\)"),
     ("max_steps: true\n", r"run\.yaml:1: max_steps must be a whole number >= 1 or null, not True \(true/false\)"),
-    ("quantize: nf5\n", r"run\.yaml:1: quantize must be one of nf4, fp4, int8, none, not 'nf5'$"),
+    ("quantize: nf5\n", r"run\.yaml:1: quantize must be one of auto, nf4, fp4, int8, none, not 'nf5'$"),
     ("lr_scheduler: [cosine]\n", r"run\.yaml:1: lr_scheduler must be one of linear, cosine, constant, not"),
     ("lora_r: 0\n", r"run\.yaml:1: lora_r must be at least 1, not 0$"),
     ("warmup_ratio: 1.5\n", r"run\.yaml:1: warmup_ratio must be in \[0, 1\), not 1\.5$"),
