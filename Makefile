@@ -6,6 +6,9 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 TORCH  := torch==2.13.0
+# Two workers (pytest-xdist), each test file on one worker so that its module fixtures run once:
+# the suite spends most of its time in kbitprep commands it starts and waits for.
+PYTEST := $(BIN)/python -m pytest -q -n 2 --dist loadfile
 
 .PHONY: install demo lint test test-fast bench docs clean
 
@@ -28,10 +31,10 @@ lint: install
 	$(BIN)/mypy
 
 test: install
-	$(BIN)/python -m pytest -q
+	$(PYTEST)
 
 test-fast: install
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(PYTEST) -m "not slow"
 
 bench: install
 	$(BIN)/python benchmarks/run.py
