@@ -238,22 +238,22 @@ def run_loss_memory(config: Mapping[str, Any], settings: LossMemorySettings, *, 
     return results
 
 
-def bf16_speed(threads: int | None = 1) -> dict[str, float]:
-    """Forward + backward of a frozen `Linear(256, 32000)` on 512 tokens in fp32 and bf16, best of 3, seconds.
+def bf16_speed(threads: int | None = 1, *, tokens: int = 512, vocabulary: int = 32000) -> dict[str, float]:
+    """Forward + backward of a frozen `Linear(256, vocabulary)` on `tokens` tokens in fp32 and bf16, best of 3, seconds.
 
-    The issue's yardstick: on an AVX2-only CPU bf16 takes many times fp32's time; with
-    AVX512 (oneDNN) it takes less.
+    The issue's yardstick (the defaults): on an AVX2-only CPU bf16 takes many times fp32's
+    time (23 s against 0.135 s on one such machine); with AVX512 (oneDNN) it takes less.
     """
     previous = torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(threads)
     try:
-        weight = torch.randn(32000, 256) * 0.02
+        weight = torch.randn(vocabulary, 256) * 0.02
         times = {}
         for dtype in (torch.float32, torch.bfloat16):
             best = float("inf")
             for _ in range(3):
-                x = torch.randn(512, 256, dtype=dtype, requires_grad=True)
+                x = torch.randn(tokens, 256, dtype=dtype, requires_grad=True)
                 started = time.perf_counter()
                 (x @ weight.to(dtype).t()).float().sum().backward()
                 best = min(best, time.perf_counter() - started)

@@ -137,7 +137,7 @@ def test_loss_memory_workers_and_section(tiny_row, tmp_path):
         machine=describe_machine(REPO_ROOT), footprint=[tiny_row], real=None, training_config=dict(TINY_CONFIG),
         training_footprint=tiny_row, training_settings=None, training={},
         loss_memory_settings=settings, loss_memory_configs={"Qwen2-0.5B tiny": dict(TINY_CONFIG)},
-        loss_memory={"Qwen2-0.5B tiny": runs}, bf16_speed=bf16_speed(),
+        loss_memory={"Qwen2-0.5B tiny": runs}, bf16_speed=bf16_speed(tokens=8, vocabulary=512),  # the yardstick, small
     )
     text = render(results)
     assert "## Training peak memory with the chunked loss" in text and "peak at 16 tokens" in text

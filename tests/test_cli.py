@@ -330,7 +330,8 @@ def test_finetune_refuses_to_overwrite_a_finished_run(finished_run: Path, tiny_m
 
 # --- crash and resume ------------------------------------------------------------------------
 
-RESUMABLE = ["--max-steps", "120", "--save-steps", "10", "--lora-dropout", "0.1", *FAST]
+RESUMABLE_STEPS = 40
+RESUMABLE = ["--max-steps", str(RESUMABLE_STEPS), "--save-steps", "10", "--lora-dropout", "0.1", *FAST]
 
 
 @pytest.mark.slow
@@ -352,7 +353,7 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(workdir: Path, tiny_mod
     assert not any((killed / name).exists() for name in ("report.json", "adapter", "loss.png"))
     saved = max(int(p.name.split("-")[1]) for p in killed.glob("checkpoints/checkpoint-*")
                 if (p / "kbitprep-complete.json").exists())
-    assert saved < 120
+    assert saved < RESUMABLE_STEPS
 
     # A checkpoint cut short while saving (no completeness marker) must be ignored and removed.
     cut_short = killed / "checkpoints" / "checkpoint-999"
@@ -369,8 +370,8 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(workdir: Path, tiny_mod
     assert resumed.returncode == 0, resumed.stderr
     assert f"resuming from checkpoint-{saved}" in resumed.stdout and "checkpoint-999" in resumed.stdout
     report = report_of(killed)
-    assert report["resumed_from_step"] == saved and report["steps"] == 120
-    assert [entry["step"] for entry in report["loss_history"]] == list(range(1, 121))
+    assert report["resumed_from_step"] == saved and report["steps"] == RESUMABLE_STEPS
+    assert [entry["step"] for entry in report["loss_history"]] == list(range(1, RESUMABLE_STEPS + 1))
 
     straight = workdir / "straight"
     result = kbitprep("finetune", tiny_model, prompt_data, "--output", straight, *RESUMABLE)
