@@ -102,7 +102,8 @@ class Executor:
     every_process_generates = False
 
     def check(self, settings: FinetuneSettings) -> None:
-        """Refuse, before the run folder is touched, settings this executor cannot run."""
+        """Refuse, before the run folder is touched, settings this executor cannot run (resolved: paths
+        absolute, `--quantize auto` resolved against the model folder)."""
 
     def plan_preparation(self, model: Any, upcast: str) -> PreparationPlan:
         """The preparation plan for `model` as this executor trains it."""

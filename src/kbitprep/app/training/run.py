@@ -205,8 +205,9 @@ class FinetuneRun:
             the settings ask for (`executor_for`). Default: None
 
     Raises:
-        FinetuneError, FsdpError: settings that cannot run (the executor's check first);
-            raised before the run folder is touched.
+        FinetuneError, QuantizeConflictError, FsdpError: settings out of range, a --quantize
+            the model folder contradicts, settings the executor cannot run; raised before the run
+            folder is touched.
     """
 
     # The state the phases build, in the order they set it.
@@ -236,9 +237,9 @@ class FinetuneRun:
                  *, setup: Callable[[Path], object] | None = None, makes: tuple[str, ...] = (),
                  eval_rows: Sequence[Row] = (), executor: Executor | None = None) -> None:
         self.executor = executor or executor_for(settings)
-        self.executor.check(settings)
         settings.check()
-        self.settings = settings.resolved()
+        self.settings = settings.resolved()  # paths absolute, --quantize auto resolved against the model folder
+        self.executor.check(self.settings)
         self.rows = rows
         self.eval_rows = eval_rows
         self.observer = observer or FinetuneObserver()

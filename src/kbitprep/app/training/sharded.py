@@ -76,7 +76,7 @@ class ShardedExecutor(Executor):
         self.sharding: dict[str, Any] = {}
 
     def check(self, settings: FinetuneSettings) -> None:
-        check_sharded_settings(settings.resolved())  # resolved: --quantize auto on a saved-int8 folder is int8
+        check_sharded_settings(settings)  # resolved: --quantize auto on a saved-int8 folder is int8
 
     def plan_preparation(self, model: Any, upcast: str) -> PreparationPlan:
         return plan_for_sharding(model, upcast=upcast)
