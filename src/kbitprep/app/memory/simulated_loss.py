@@ -141,13 +141,29 @@ def _one_chunk(plan: Any, head: nn.Module, config: Any, selected: torch.Tensor, 
     probabilities = (values.sub_(lse[:, None]) if transform is None else values - lse[:, None]).exp_()
     grad_logits = probabilities if transform is None else torch.autograd.grad(scores, logits, probabilities)[0]
     if weight is not None:
-        grad_h = grad_logits.to(dtype) @ (weight if plan.weight_rows is None else weight[: plan.weight_rows].to(dtype))
-        del grad_h
+        _linear_backward(plan, x, weight, dtype, grad_logits)
     del loss
 
 
+def _linear_backward(plan: Any, x: torch.Tensor, weight: torch.Tensor, dtype: torch.dtype,
+                     grad_logits: torch.Tensor) -> None:
+    """The chunk's gradient of its states, as `kbitprep.loss` computes it: whole, or one upcast piece at a time.
+
+    Upcast in pieces, the gradient is an fp32 (P x H) sum of each piece's (P x rows) gradient
+    columns times that piece of the head: one piece is enough, as every piece is the same size.
+    """
+    if plan.weight_rows is None or plan.weight_rows >= weight.shape[0]:
+        grad_h = grad_logits.to(dtype) @ weight.to(dtype)
+        del grad_h
+        return
+    piece = slice(0, plan.weight_rows)
+    grad_h = torch.zeros((x.shape[0], weight.shape[1]), dtype=torch.float32, device=x.device)
+    grad_h += grad_logits[:, piece].to(dtype) @ weight[piece].to(dtype)
+    del grad_h
+
+
 def _linear_logits(plan: Any, x: torch.Tensor, weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    if plan.weight_rows is None:
+    if plan.weight_rows is None or plan.weight_rows >= weight.shape[0]:
         return nn.functional.linear(x, weight.to(dtype)).float()
     logits = torch.empty((x.shape[0], weight.shape[0]), dtype=torch.float32, device=x.device)
     piece = slice(0, plan.weight_rows)  # the head is upcast one piece at a time: one piece is the most held
