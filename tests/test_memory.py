@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import types
 import warnings
 from pathlib import Path
 
@@ -12,6 +13,7 @@ import pytest
 import torch
 
 import kbitprep
+from kbitprep.app.config.optimizer import make_optimizer
 from kbitprep.app.memory import step as step_simulation
 from kbitprep.app.memory.live_bytes import LiveBytes, PeakMeter
 from kbitprep.app.model.loading import load_quantized_model
@@ -44,7 +46,7 @@ def _save(config: dict, folder: Path) -> Path:
 
 
 def _measured_peak(folder: Path, settings: MemorySettings, steps: int = 2) -> int:
-    """Load, prepare, adapt and train as finetune does (fused AdamW, zero_grad to None); the live peak."""
+    """Load, prepare, adapt and train as finetune does (its --optim, zero_grad to None); the live peak."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = load_quantized_model(folder, settings.quantize)
@@ -54,7 +56,8 @@ def _measured_peak(folder: Path, settings: MemorySettings, steps: int = 2) -> in
                                                use_gradient_checkpointing=settings.gradient_checkpointing))
             model = attach_lora(model, settings)  # MemorySettings carries the LoRA settings finetune's do
             model.train()
-            optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], fused=True)
+            optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad],
+                                       types.SimpleNamespace(optim=settings.optim, lr=2e-4))  # as finetune builds it
             ids = torch.randint(0, 100, (settings.batch_size, settings.seq_len))
             for _ in range(steps):
                 batch = {"input_ids": ids.clone(), "attention_mask": torch.ones_like(ids), "labels": ids.clone()}

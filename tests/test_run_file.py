@@ -46,7 +46,7 @@ FILE_VALUES = {
     "warmup_ratio": 0.1, "warmup_steps": None, "seq_len": 64, "seed": 7, "loss": "full", "save_steps": 5,
     "fsdp": True, "resume": True, "overwrite": False, "samples": ["a", "b c"], "max_new_tokens": 3,
     "chat_template": "t.jinja", "data_format": "alpaca", "pack": True, "eval_data": None, "eval_fraction": 0.2,
-    "eval_steps": 3, "report_to": "tensorboard",
+    "eval_steps": 3, "report_to": "tensorboard", "optim": "adamw_bnb_8bit",
 }
 
 

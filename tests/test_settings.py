@@ -38,7 +38,7 @@ BAD_VALUES = {
     "seq_len": (1, "1"), "save_steps": (0, "0"), "max_new_tokens": (0, None), "eval_fraction": (1.0, "1"),
     "eval_steps": (0, "0"), "loss": ("fused", "fused"), "compute_dtype": ("fp8", "fp8"),
     "lr_scheduler": ("step", "step"), "warmup_ratio": (1.0, "1"), "warmup_steps": (-1, "-1"),
-    "data_format": ("xml", "xml"), "report_to": ("wandb", "wandb"),
+    "data_format": ("xml", "xml"), "report_to": ("wandb", "wandb"), "optim": ("sgd", "sgd"),
 }
 
 
@@ -87,7 +87,7 @@ def test_every_cli_option_parses_a_non_default_value_into_the_settings() -> None
             "--loss", "full", "--save-steps", "9", "--fsdp", "--resume", "--sample", "a", "--sample", "b c",
             "--chat-template", "chat.jinja", "--pack", "--eval-fraction", "0.1", "--eval-steps", "5",
             "--lr-scheduler", "cosine", "--warmup-ratio", "0.1", "--data-format", "alpaca",
-            "--report-to", "tensorboard"]
+            "--report-to", "tensorboard", "--optim", "adamw_bnb_8bit"]
     parsed = FinetuneSettings.from_args(finetune_parser().parse_args(argv))
     expected = FinetuneSettings("models/tiny", "train.jsonl", "runs/tiny", quantize="int8", upcast="all",
                                 compute_dtype="float32", lora_r=4, lora_alpha=8.0, lora_dropout=0.0,
@@ -95,7 +95,7 @@ def test_every_cli_option_parses_a_non_default_value_into_the_settings() -> None
                                 seq_len=64, seed=5, loss="full", save_steps=9, fsdp=True, resume=True,
                                 samples=("a", "b c"), chat_template="chat.jinja", pack=True, eval_fraction=0.1,
                                 eval_steps=5, lr_scheduler="cosine", warmup_ratio=0.1, data_format="alpaca",
-                                report_to="tensorboard")
+                                report_to="tensorboard", optim="adamw_bnb_8bit")
     assert parsed == expected
     changed = {f.name for f in dataclasses.fields(FinetuneSettings)
                if getattr(parsed, f.name) != getattr(FinetuneSettings("m", "d", "o"), f.name)}
@@ -140,7 +140,7 @@ OTHER_VALUES = {
     "overwrite": True, "samples": ("a",), "max_new_tokens": 3, "chat_template": "t.jinja", "pack": True,
     "eval_data": "e.jsonl", "eval_fraction": 0.2, "eval_steps": 3, "loss": "full",
     "compute_dtype": "float32", "lr_scheduler": "cosine", "warmup_ratio": 0.1, "warmup_steps": 5,
-    "data_format": "alpaca", "report_to": "tensorboard",
+    "data_format": "alpaca", "report_to": "tensorboard", "optim": "adamw_bnb_8bit",
 }
 
 

@@ -213,7 +213,7 @@ def render_memory_report(console: Console, report: MemoryReport) -> None:
     console.print(
         f"\n[bold]training step memory[/]  batch {settings.batch_size} x {settings.seq_len} tokens, LoRA r="
         f"{settings.lora_r}, loss {settings.loss}, upcast {settings.upcast}, checkpointing "
-        f"{'on' if settings.gradient_checkpointing else 'off'}, {settings.optimizer}, on {settings.device} "
+        f"{'on' if settings.gradient_checkpointing else 'off'}, {settings.optim}, on {settings.device} "
         f"({estimate.compute_dtype})", highlight=False)
     table = Table(title_justify="left")
     table.add_column("component", justify="left")

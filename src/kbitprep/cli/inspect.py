@@ -11,7 +11,7 @@ from ..app.config.settings import SETTINGS, add_arguments
 
 # The `finetune` settings that change a training step's memory; inspect takes them as finetune does.
 RUN_OPTIONS = ("quantize", "upcast", "compute_dtype", "lora_r", "lora_dropout", "target_modules", "batch_size",
-               "seq_len", "loss", "gradient_checkpointing")
+               "seq_len", "loss", "gradient_checkpointing", "optim")
 
 HELP = ("show the preparation plan of a local model under each upcast policy, and the peak memory of a "
         "training step (no weights needed)")
@@ -55,8 +55,9 @@ def add_memory_options(parser: argparse.ArgumentParser, missing: list[str]) -> N
     if "gradient_checkpointing" in missing:
         group.add_argument("--no-gradient-checkpointing", dest="gradient_checkpointing", action="store_false",
                            help="estimate without gradient checkpointing (every layer keeps its activations)")
-    group.add_argument("--optimizer", choices=list(OPTIMIZERS), default=defaults.optimizer,
-                       help="the optimizer (default: %(default)s, the Trainer's)")
+    if "optim" in missing:
+        group.add_argument("--optim", choices=list(OPTIMIZERS), default=defaults.optim,
+                           help="the optimizer (default: %(default)s)")
     group.add_argument("--device", choices=list(DEVICES), default=defaults.device,
                        help="where the run trains; decides the compute dtype (default: this machine's, %(default)s)")
     group.add_argument("--memory", metavar="SIZE", default=None,

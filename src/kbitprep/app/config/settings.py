@@ -31,6 +31,7 @@ from ...loss import LOSS_CHOICES
 from ...plan import UPCAST_POLICIES
 from ...sizing import QUANTIZE_AUTO, QUANTIZE_CHOICES
 from ..data.formats import DATA_FORMAT_CHOICES
+from .optimizer import OPTIM_CHOICES, OPTIM_RULE, steps_here
 from .schedule import SCHEDULE_CHOICES
 
 COMPUTE_DTYPE_CHOICES = ("auto", "bfloat16", "float16", "float32")
@@ -169,6 +170,10 @@ class FinetuneSettings:
         resume=True, default_text="all linear layers but the output head",
         report=lambda names: list(names) if names else "all-linear")
     lr: float = setting(2e-4, help="peak learning rate", bound=POSITIVE, group=_TRAINING, resume=True)
+    optim: str = setting(OPTIM_CHOICES[0], help="the optimizer, by the Trainer's names: torch's AdamW, or "
+                         "bitsandbytes' 8-bit AdamW, paged or not", choices=OPTIM_CHOICES,
+                         bound=Bound(steps_here, OPTIM_RULE, "an optimizer that steps here"), group=_TRAINING,
+                         resume=True)
     batch_size: int = setting(4, help="examples per device per step", bound=at_least(1), metavar="N",
                               group=_TRAINING, resume=True)
     grad_accum: int = setting(1, help="micro-batches per optimizer step", bound=at_least(1), metavar="N",

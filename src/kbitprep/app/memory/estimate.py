@@ -41,6 +41,7 @@ from torch import nn
 from ...errors import KbitPrepError
 from ...precision import planned_compute_dtype
 from .live_bytes import quantization_state
+from .optimizers import OPTIMIZERS, OptimizerSpec
 from .simulated_loss import LOSSES, simulated_loss
 from .step import Moment, StepProfile, simulate_step
 
@@ -69,39 +70,6 @@ __all__ = [
 class MemoryModelError(KbitPrepError, ValueError):
     """A memory estimate cannot be made as asked (a bad setting or budget); the message names the fix."""
 
-
-@dataclasses.dataclass(frozen=True)
-class OptimizerSpec:
-    """What an optimizer holds per trainable value, and what its step allocates for a moment.
-
-    Args:
-        name (str): the Trainer's `optim` name.
-        state_bytes (int): bytes of state per trainable value (AdamW: two fp32 moments).
-        per_tensor_bytes (int): bytes per trainable tensor (AdamW's step counter).
-        step_transient (str): the step's temporaries: "none" (a fused kernel), "largest"
-            (one tensor's worth at a time) or "all" (foreach: one copy of every gradient).
-    """
-
-    name: str
-    state_bytes: int
-    per_tensor_bytes: int
-    step_transient: str
-
-    def state(self, trainable: list[torch.Tensor]) -> int:
-        return sum(p.numel() * self.state_bytes + self.per_tensor_bytes for p in trainable)
-
-    def transient(self, trainable: list[torch.Tensor]) -> int:
-        sizes = [p.numel() * 4 for p in trainable] or [0]
-        return {"none": 0, "largest": 2 * max(sizes), "all": sum(sizes)}[self.step_transient]
-
-
-# The transformers Trainer's default is "adamw_torch_fused" (torch >= 2.8), which `finetune` uses.
-OPTIMIZERS: Mapping[str, OptimizerSpec] = {spec.name: spec for spec in (
-    OptimizerSpec("adamw_torch_fused", state_bytes=8, per_tensor_bytes=4, step_transient="none"),
-    OptimizerSpec("adamw_torch", state_bytes=8, per_tensor_bytes=4, step_transient="all"),
-    OptimizerSpec("adamw_8bit", state_bytes=2, per_tensor_bytes=4, step_transient="largest"),
-    OptimizerSpec("sgd", state_bytes=0, per_tensor_bytes=0, step_transient="none"),
-)}
 
 DEVICES = ("cpu", "cuda")
 COMPUTE_DTYPES = ("auto", "bfloat16", "float16", "float32")
@@ -140,7 +108,7 @@ class MemorySettings:
             computes it fast, else float32), "bfloat16", "float16" or "float32". Default: finetune's
         gradient_checkpointing (bool): recompute each layer in the backward pass. Default: True
         loss (str): a name in `LOSSES`. Default: finetune's
-        optimizer (str): a name in `OPTIMIZERS`. Default: "adamw_torch_fused"
+        optim (str): a name in `OPTIMIZERS`. Default: finetune's
         device (str): "cpu" or "cuda": where the run would train (it decides the compute dtype).
             Default: "cuda" when this machine has one, else "cpu"
     """
@@ -156,7 +124,7 @@ class MemorySettings:
     compute_dtype: str = _run_default("compute_dtype", "auto")
     gradient_checkpointing: bool = _run_default("gradient_checkpointing", True)
     loss: str = _run_default("loss", "full")
-    optimizer: str = "adamw_torch_fused"
+    optim: str = _run_default("optim", "adamw_torch")
     device: str = dataclasses.field(default_factory=_default_device)
 
     def check(self) -> None:
@@ -173,7 +141,7 @@ class MemorySettings:
             (self.batch_size >= 1, "batch_size must be at least 1"),
             (self.seq_len >= 2, "seq_len must be at least 2"),
             (self.loss in LOSSES, f"loss must be one of {', '.join(LOSSES)}"),
-            (self.optimizer in OPTIMIZERS, f"optimizer must be one of {', '.join(OPTIMIZERS)}"),
+            (self.optim in OPTIMIZERS, f"optim must be one of {', '.join(OPTIMIZERS)}"),
             (self.device in DEVICES, f"device must be one of {', '.join(DEVICES)}"),
             (self.compute_dtype in COMPUTE_DTYPES, f"compute_dtype must be one of {', '.join(COMPUTE_DTYPES)}"),
         ]
@@ -338,7 +306,7 @@ class TrainingSkeleton:
             storages = {id(t.untyped_storage()): t.untyped_storage().nbytes() for t in tensors}
             sizes[name] = sum(size for key, size in storages.items() if key not in seen)
             seen.update(storages)
-        spec = OPTIMIZERS[self.settings.optimizer]
+        spec = OPTIMIZERS[self.settings.optim]
         details = {
             "quantized weights": "packed 4-bit / int8 weights",
             "quantization state": "their block scales and code tables",
@@ -349,7 +317,8 @@ class TrainingSkeleton:
         order = ("quantized weights", "quantization state", "frozen weights", "fp32 casts", "LoRA parameters")
         parts = [MemoryComponent(name, sizes[name], details[name]) for name in order]
         parts.append(MemoryComponent("optimizer state", spec.state(self.trainable),
-                                     f"{spec.name}: {spec.state_bytes} B per trainable value"))
+                                     f"{spec.name}: {spec.state_bytes} B per trainable value"
+                                     + (" and its block scales" if spec.block else "")))
         return parts
 
     def _batch(self, batch_size: int, seq_len: int) -> Callable[[], dict[str, torch.Tensor]]:
@@ -386,9 +355,9 @@ class TrainingSkeleton:
         )
 
     def _optimizer_moment(self, profile: StepProfile, batch_bytes: int) -> Moment:
-        spec = OPTIMIZERS[self.settings.optimizer]
+        spec = OPTIMIZERS[self.settings.optim]
         return Moment("optimizer step", gradients=profile.gradient_bytes, activations=0, batch=batch_bytes,
-                      transient=spec.transient(self.trainable))
+                      transient=spec.transient(self.trainable, self.settings.device))
 
 
 def _dynamic_components(peak: Moment) -> tuple[MemoryComponent, ...]:

@@ -36,6 +36,7 @@ def training_arguments(settings: FinetuneSettings, output_dir: Path) -> Training
         lr_scheduler_type=TRAINER_SCHEDULES[settings.lr_scheduler],
         warmup_steps=trainer_warmup(settings),
         weight_decay=0.0,
+        optim=settings.optim,  # --optim: the Trainer builds it (kbitprep.app.config.optimizer)
         logging_steps=1,
         logging_nan_inf_filter=False,  # log a non-finite loss as it is (the filter logs it as 0); it stops the run
         save_strategy="steps",
