@@ -10,7 +10,7 @@ TORCH  := torch==2.13.0
 # the suite spends most of its time in kbitprep commands it starts and waits for.
 PYTEST := $(BIN)/python -m pytest -q -n 2 --dist loadfile
 
-.PHONY: install demo lint test test-fast bench docs clean
+.PHONY: install demo lint test test-fast bench sweep docs clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +38,11 @@ test-fast: install
 
 bench: install
 	$(BIN)/python benchmarks/run.py
+
+# The memory model over the published shapes' full matrix and every causal LM transformers ships
+# (about ten minutes); writes its section of BENCHMARKS.md. `make test` keeps one case per shape.
+sweep: install
+	nice -n 10 $(BIN)/python benchmarks/memory_sweep.py
 
 # The finetune options table in docs/cli.md, generated from kbitprep.app.config.settings.
 docs: install

@@ -100,16 +100,18 @@ def weight_bytes(estimate: Any) -> int:
     return sum(estimate.component(name) for name in ("quantized weights", "quantization state", "frozen weights"))
 
 
-def generous_bound(config: dict[str, Any], batch_size: int, seq_len: int) -> int:
+def generous_bound(config: dict[str, Any], batch_size: int, seq_len: int, *, checkpointed: bool = True) -> int:
     """A loose ceiling on what a step may add to the weights: 4x a hand count of its largest parts.
 
-    Per token: every layer's kept input (bf16), one layer's recompute working set (24
-    values of each of the hidden and intermediate widths, fp32), and the loss's (8 fp32
+    Per token: every layer's kept input (bf16) when checkpointed, else every layer's whole
+    working set (the preparation checkpoints only quantized models), one layer's working set
+    (24 values of each of the hidden and intermediate widths, fp32), and the loss's (8 fp32
     copies of the logits, the full loss's worst); plus the LoRA parameters, gradients and
     AdamW state (a whole copy of the weights in fp32 is far above that), and 256 MiB.
     """
     hidden = config["hidden_size"]
     inner = config["intermediate_size"] * config.get("num_local_experts", 1)
-    per_token = (config["num_hidden_layers"] * hidden * 2 + 24 * (hidden + inner) * 4
-                 + 8 * config["vocab_size"] * 4)
+    layer = 24 * (hidden + inner) * 4
+    kept = hidden * 2 if checkpointed else layer
+    per_token = config["num_hidden_layers"] * kept + layer + 8 * config["vocab_size"] * 4
     return 4 * batch_size * seq_len * per_token + 2**28

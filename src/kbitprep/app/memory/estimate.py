@@ -259,9 +259,18 @@ class TrainingSkeleton:
         except (FileNotFoundError, ValueError) as error:
             raise MemoryModelError(f"{error}") from None
         weights, self.dtype = _dtypes(config, settings)
-        self.model = build_meta_model(config, quantize=settings.quantize, dtype=weights, compute_dtype=self.dtype)
-        self.plan = self._prepare()
-        self.model = self._adapt()
+        try:
+            self.model = build_meta_model(config, quantize=settings.quantize, dtype=weights, compute_dtype=self.dtype)
+            self.plan = self._prepare()
+            self.model = self._adapt()
+        except KbitPrepError:
+            raise
+        except Exception as error:  # the library failing to build this config: said in words
+            from .step import SimulationError, cannot_simulate
+
+            raise SimulationError(f"the model cannot be built from this config on the meta device: "
+                                  f"{cannot_simulate(error)}; check the config against the model's "
+                                  "documentation, or measure it with real weights") from error
         self.model.train()
         self.static = self._static_components()
 

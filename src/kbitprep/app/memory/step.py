@@ -38,7 +38,7 @@ from torch import nn
 from ...errors import KbitPrepError
 from .live_bytes import Allocation, LiveBytes, model_tensors
 
-__all__ = ["SimulationError", "StepProfile", "checkpointed_blocks", "simulate_step"]
+__all__ = ["SimulationError", "StepProfile", "cannot_simulate", "checkpointed_blocks", "simulate_step"]
 
 BEFORE, AFTER = "embeddings", "head and loss"
 FORWARD, BACKWARD, BATCH = "forward", "backward", "batch"
@@ -406,8 +406,36 @@ def _guarded(run: Callable[[], StepProfile]) -> StepProfile:
         return run()
     except SimulationError:
         raise
-    except (RuntimeError, NotImplementedError, TypeError, ValueError) as error:
-        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise SimulationError(f"the training step cannot be simulated on the meta device ({type(error).__name__}: "
-                              f"{first}); measure this model with real weights instead "
+    except (RuntimeError, NotImplementedError, TypeError, ValueError, AttributeError, KeyError,
+            AssertionError) as error:
+        raise SimulationError(f"the training step cannot be simulated on the meta device: {cannot_simulate(error)}; "
+                              "measure this model with real weights instead "
                               "(kbitprep finetune records its peak in report.json)") from error
+
+
+# (words in the library's error, what kbitprep cannot simulate): the reason shown instead of the library's text
+_KNOWN = (
+    ("Expected inputs of BF16 type", "its mixture-of-experts layers multiply with torch's grouped matmul, which takes "
+     "only bfloat16, and this run computes them in float32 (a config saved in bfloat16 with --upcast norms may run)"),
+    ("is not differentiable", "its attention passes arguments the fused attention kernel cannot differentiate"),
+    ("in-place operation", "it writes into a weight in place in its forward pass"),
+    ("must match shape", "its default config's sizes do not fit together (a matmul's sizes disagree)"),
+    ("same reduction dim", "its default config's sizes do not fit together (a matmul's sizes disagree)"),
+    ("broadcast", "its default config's sizes do not fit together (two tensors' shapes disagree)"),
+    ("expected scalar type", "it mixes the dtypes of quantized and unquantized weights in one operation"),
+)
+
+
+def cannot_simulate(error: BaseException) -> str:
+    """What of a model's step the meta device cannot run, in kbitprep's words: the kind of operation when it is
+    a known one, else the exception's type and the module of the library it was raised in."""
+    import traceback
+
+    text = str(error)
+    known = next((reason for words, reason in _KNOWN if words in text), None)
+    if known is not None:
+        return known
+    frames = traceback.extract_tb(error.__traceback__)
+    where = next((frame.filename for frame in reversed(frames) if "site-packages" in frame.filename), None)
+    module = where.split("site-packages/")[-1].removesuffix(".py").replace("/", ".") if where else "the model"
+    return f"{type(error).__name__} raised in {module}"
