@@ -162,12 +162,13 @@ def render(matrix: list[dict[str, Any]], archs: list[dict[str, Any]], seconds: f
     return "\n".join([*lines, END])
 
 
-def write_section(text: str, path: Path = REPO_ROOT / "BENCHMARKS.md") -> None:
-    """Replace this sweep's section of BENCHMARKS.md (appended when it has none); nothing else changes."""
+def write_section(text: str, path: Path = REPO_ROOT / "BENCHMARKS.md", *, begin: str = BEGIN,
+                  end: str = END) -> None:
+    """Replace one section of BENCHMARKS.md, between its markers (appended when it has none); nothing else changes."""
     current = path.read_text(encoding="utf-8") if path.exists() else ""
-    if BEGIN in current and END in current:
-        head, rest = current.split(BEGIN, 1)
-        current = head + text + rest.split(END, 1)[1]
+    if begin in current and end in current:
+        head, rest = current.split(begin, 1)
+        current = head + text + rest.split(end, 1)[1]
     else:
         current = current.rstrip("\n") + "\n\n" + text + "\n"
     path.write_text(current, encoding="utf-8")

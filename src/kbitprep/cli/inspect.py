@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from typing import Any
 
 from rich.console import Console
 
@@ -77,14 +78,38 @@ def run(args: argparse.Namespace, console: Console) -> int:
         memory = plan_memory(args.model, MemorySettings.from_run(args), budget)
     except SimulationError as error:  # the plans stand; only the step's estimate is missing
         memory, problem = None, str(error)
+    changes = _changes(args.model, memory, budget) if memory is not None and budget is not None else ()
     if args.json:
-        print(json.dumps({**report.to_dict(), "memory": memory.to_dict() if memory else {"error": problem}},
-                         indent=2))
+        memory_json = {**memory.to_dict(), "changes": [c.to_dict() for c in changes]} if memory else {"error": problem}
+        print(json.dumps({**report.to_dict(), "memory": memory_json}, indent=2))
     else:
         render_inspect_report(console, report)
         if memory is not None:
             render_memory_report(console, memory)
+            _render_changes(console, changes)
         else:
             console.print(f"training step memory: not estimated: {problem}", style="yellow", markup=False,
                           highlight=False)
     return 1 if memory is None and budget is not None else 0  # a budget asked for an answer it did not get
+
+
+def _changes(model: str, memory: Any, budget: int) -> tuple[Any, ...]:
+    """What buys the most memory (`kbitprep.app.memory.planner`); none when a change cannot be simulated."""
+    from ..app.memory.planner import suggest_changes
+    from ..app.memory.step import SimulationError
+
+    try:
+        return suggest_changes(model, memory.estimate, budget)
+    except SimulationError:
+        return ()
+
+
+def _render_changes(console: Console, changes: tuple[Any, ...]) -> None:
+    from ..report import format_bytes
+
+    if changes:
+        console.print("what buys the most memory, each alone:", markup=False, highlight=False)
+    for change in changes:
+        verdict = "" if change.fits is None else (", fits" if change.fits else ", does not fit")
+        console.print(f"  {change.what} ({change.option}): peak {format_bytes(change.peak)}, "
+                      f"saves {format_bytes(max(change.saves, 0))}{verdict}", markup=False, highlight=False)
