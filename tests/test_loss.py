@@ -35,8 +35,9 @@ from transformers import (
     Qwen2Config,
 )
 
-from kbitprep import loss as loss_module
 from kbitprep.loss import LossInputError, causal_lm_loss, plan_loss
+from kbitprep.loss import causal_lm as loss_call
+from kbitprep.loss import plan as loss_plan
 from kbitprep.precision import override_fast_dtypes
 
 _SMALL = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
@@ -92,9 +93,9 @@ def masked_batch(vocab: int, seed: int = 0, length: int = 12) -> dict[str, torch
 def small_chunks(monkeypatch):
     """Chunks of 5 positions and head pieces of 3 rows x 32 wide, so every path loops."""
     def shrink(vocab: int) -> None:
-        monkeypatch.setattr(loss_module, "CHUNK_LOGITS", 5 * vocab)
-        monkeypatch.setattr(loss_module, "AMORTIZE_TOKENS", 5)
-        monkeypatch.setattr(loss_module, "WEIGHT_PIECE", 3 * 32)
+        monkeypatch.setattr(loss_plan, "CHUNK_LOGITS", 5 * vocab)
+        monkeypatch.setattr(loss_plan, "AMORTIZE_TOKENS", 5)
+        monkeypatch.setattr(loss_plan, "WEIGHT_PIECE", 3 * 32)
     return shrink
 
 
@@ -338,7 +339,7 @@ def test_no_tensor_of_the_full_logits_exists(single_thread):
     tokens, vocab = batch["input_ids"].numel(), 151_936
     with _Shapes() as shapes:
         causal_lm_loss(model, batch).backward()
-    assert plan.chunk_tokens == loss_module.CHUNK_LOGITS // vocab < tokens
+    assert plan.chunk_tokens == loss_plan.CHUNK_LOGITS // vocab < tokens
     assert shapes.largest <= plan.chunk_tokens * vocab < tokens * vocab
     with _Shapes() as reference:  # the check itself sees the full logits where they exist
         model(**batch).loss.backward()
@@ -384,13 +385,13 @@ def test_working_bytes_bound_what_the_loss_holds(name, single_thread):
     batch = masked_batch(vocab, length=64)
     plan = plan_loss(model)
     inputs = {k: v for k, v in batch.items() if k != "labels"}
-    with loss_module._captured_head_input(model.get_output_embeddings()) as captured:
+    with loss_call._captured_head_input(model.get_output_embeddings()) as captured:
         model(**inputs)
     hidden = captured[0].detach().requires_grad_(True)
-    targets = loss_module._targets(batch["labels"], None)
-    resolved = loss_module._resolve(model, "chunked", "fused")
+    targets = loss_call._targets(batch["labels"], None)
+    resolved = loss_plan._resolve(model, "chunked", "fused")
     with _LiveBytes() as held:
-        value = loss_module._chunked_value(resolved, hidden, targets, None)
+        value = loss_call._chunked_value(resolved, hidden, targets, None)
         value.backward()
     trained = int((targets != -100).sum())
     assert 0 < held.peak <= plan.working_bytes(trained)
@@ -454,7 +455,7 @@ def test_trainer_mixin_trains_as_the_trainer_does_with_gradient_accumulation(sma
 def test_public_names_load_lazily_and_import_kbitprep_stays_light():
     code = ("import sys, kbitprep\n"
             "assert 'kbitprep.loss' not in sys.modules\n"
-            "assert kbitprep.causal_lm_loss.__module__ == 'kbitprep.loss' and kbitprep.ChunkedLossMixin\n"
+            "assert kbitprep.causal_lm_loss.__module__ == 'kbitprep.loss.causal_lm' and kbitprep.ChunkedLossMixin\n"
             "heavy = {'peft', 'matplotlib', 'rich'} & set(sys.modules)\n"
             "assert not heavy, heavy\n")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
