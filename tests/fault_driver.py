@@ -91,7 +91,7 @@ import peft  # noqa: F401
 import transformers
 from transformers import Trainer  # noqa: F401
 
-from kbitprep.app.runs import folder as outputs
+from kbitprep.app.runs import atomic as outputs
 from kbitprep.cli import main
 
 ORIGINAL_WRITE_FILE = outputs._write_file

@@ -248,6 +248,7 @@ TRAINED_FROM = {"alpaca": "csv", "sharegpt": "parquet", "messages": "folder", "t
 def test_a_run_on_each_format_trains_the_expected_tokens(tmp_path_factory: pytest.TempPathFactory, tokenizer,
                                                         fmt: str) -> None:
     from kbitprep.app.demo import build_tiny_model
+    from kbitprep.app.training.inputs import RunRequest, read_inputs, resolve_settings
     from kbitprep.app.training.run import FinetuneRun, FinetuneSettings
 
     root = tmp_path_factory.mktemp(f"train-{fmt}")
@@ -255,8 +256,9 @@ def test_a_run_on_each_format_trains_the_expected_tokens(tmp_path_factory: pytes
     data = write(root, fmt, TRAINED_FROM[fmt])
     settings = FinetuneSettings(str(model), str(data), str(root / "run"), max_steps=2, batch_size=2, seq_len=64,
                                 lora_r=4, lora_alpha=8, lr=1e-2)
-    run = FinetuneRun(settings, read_data(data))
-    report = run.run()
-    assert [trained(example) for example in run.data.examples] == expected_trained(tokenizer, fmt)
+    request = RunRequest(*resolve_settings(settings)[:1], tuple(read_data(data)))
+    inputs = read_inputs(request)
+    report = FinetuneRun(request, inputs=inputs).run()
+    assert [trained(example) for example in inputs.data.examples] == expected_trained(tokenizer, fmt)
     assert report.data["trained_tokens_per_epoch"] == sum(map(len, expected_trained(tokenizer, fmt)))
     assert [entry["step"] for entry in report.loss_history] == [1, 2]

@@ -4,7 +4,6 @@ the Trainer is asked to log a non-finite loss as it is (its default filter logs 
 from __future__ import annotations
 
 import math
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -12,9 +11,14 @@ import torch
 from kbitprep.app.training.divergence import (
     DivergenceError,
     check_finite_weights,
-    divergence_callback,
+    DivergenceGuard,
     first_non_finite,
 )
+from kbitprep.app.training.hooks import StepState
+
+
+def at_step(step: int, model: torch.nn.Module) -> StepState:
+    return StepState(step=step, total_steps=10, model=model, main=True)
 
 
 def lora_like() -> torch.nn.Module:
@@ -36,11 +40,10 @@ def test_first_non_finite_names_the_tensor_and_a_value() -> None:
     ({"loss": 2.0, "grad_norm": float("inf")}, "training diverged at step 7: the gradient norm is inf"),
 ])
 def test_a_non_finite_loss_or_gradient_norm_stops_the_run(logs: dict, says: str) -> None:
-    callback = divergence_callback(lr=1e30, lora_alpha=64)
-    state = SimpleNamespace(global_step=7)
+    guard = DivergenceGuard(lr=1e30, lora_alpha=64)
     with pytest.raises(DivergenceError, match=rf"{says}; lower --lr \(now 1e\+30\) or --lora-alpha \(now 64\)"):
-        callback.on_log(None, state, None, logs=logs, model=lora_like())
-    callback.on_log(None, state, None, logs={"loss": 2.0, "grad_norm": 1.0}, model=lora_like())  # finite: goes on
+        guard.on_step(at_step(7, lora_like()), [{"step": 7, **logs}])
+    guard.on_step(at_step(7, lora_like()), [{"step": 7, "loss": 2.0, "grad_norm": 1.0}])  # finite: goes on
 
 
 def test_a_non_finite_trained_weight_stops_the_run_and_is_never_written() -> None:
@@ -48,8 +51,7 @@ def test_a_non_finite_trained_weight_stops_the_run_and_is_never_written() -> Non
     with torch.no_grad():
         model[1].weight[0, 0] = float("nan")
     with pytest.raises(DivergenceError, match=r"step 3: the update made the weight 1\.weight nan"):
-        divergence_callback(lr=1e-3, lora_alpha=16).on_log(None, SimpleNamespace(global_step=3), None,
-                                                           logs={"loss": 1.0}, model=model)
+        DivergenceGuard(lr=1e-3, lora_alpha=16).on_step(at_step(3, model), [{"step": 3, "loss": 1.0}])
     with pytest.raises(DivergenceError, match=r"will not write the adapter: the trained weight 1\.weight holds nan"):
         check_finite_weights(model, what="write the adapter", lr=1e-3, lora_alpha=16)
     with torch.no_grad():

@@ -23,7 +23,7 @@ import torch
 
 from kbitprep.app.data.jsonl import read_jsonl
 from kbitprep.app.data.tokenize import CausalLMCollator, tokenize_rows
-from kbitprep.app.training.run import FinetuneObserver, FinetuneSettings, linear_layer_names
+from kbitprep.app.training.run import FinetuneSettings, linear_layer_names
 from kbitprep.app.model.loading import (
     check_model_folder,
     compute_dtype,
@@ -127,7 +127,7 @@ def _train_two_ways(rank: int, model_dir: Path, out: Path, device: str) -> None:
         packed_4bit_bytes,
         shard_stats,
     )
-    from kbitprep.app.distributed.loop import ShardedTraining
+    from kbitprep.app.training.sharded_loop import ShardedTraining
 
     settings = _settings(model_dir, out, GLOBAL_BATCH // WORLD)
     model = _load_sharded(settings, device)
@@ -142,12 +142,12 @@ def _train_two_ways(rank: int, model_dir: Path, out: Path, device: str) -> None:
     stats = shard_stats(model)
     frozen = sum(p.to_local().numel() * p.element_size() for p in model.parameters() if not p.requires_grad)
     run = ShardedTraining(model, _data(settings), settings, 0, out / "checkpoints")
-    history = run.train(FinetuneObserver())
+    history = run.train()
     adapter = adapter_state(model)
 
     resumed = ShardedTraining(_load_sharded(settings, device), _data(settings), settings, 0, out / "resumed")
     resumed.resume(out / "checkpoints" / "checkpoint-2")
-    resumed_history = resumed.train(FinetuneObserver())
+    resumed_history = resumed.train()
     torch.save({"used": used, "stats": stats.to_dict(), "frozen_bytes": frozen, "history": history, "adapter": adapter,
                 "resumed_history": resumed_history, "resumed_adapter": adapter_state(resumed.model)},
                out / f"rank{rank}.pt")
@@ -159,7 +159,8 @@ def _train_two_ways(rank: int, model_dir: Path, out: Path, device: str) -> None:
 def _reference(model_dir: Path, out: Path, device: str) -> dict[str, Any]:
     import bitsandbytes as bnb
 
-    from kbitprep.app.distributed.loop import MAX_GRAD_NORM, global_order
+    from kbitprep.app.training.order import global_order
+    from kbitprep.app.training.sharded_loop import MAX_GRAD_NORM
 
     settings = _settings(model_dir, out, GLOBAL_BATCH)
     model = _build(settings)(load_quantized_model(settings.model, "nf4")).to(device)
@@ -305,3 +306,87 @@ def test_finetune_fsdp_logs_each_step_to_tensorboard_with_the_trainers_schedule(
         logged = events.Scalars(tag)
         assert [e.step for e in logged] == [1, 2, 3, 4]
         assert [e.value for e in logged] == pytest.approx([entry[key] for entry in history], rel=1e-6, abs=1e-12)
+
+
+# --- every feature, one process and two ----------------------------------------------------
+
+
+def _run_command(arguments: list[str], *, processes: int) -> Any:
+    import subprocess
+    import sys
+
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes)] \
+        if processes > 1 else [sys.executable]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
+    return subprocess.run([*launcher, "-m", "kbitprep", "finetune", *arguments], capture_output=True, text=True,
+                          env=env, timeout=400)
+
+
+def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12))
+
+
+@pytest.mark.slow
+def test_two_sharded_processes_train_as_one_process_with_packing_evaluation_schedule_and_tensorboard(
+        tmp_path: Path) -> None:
+    """One process with batch 2 (the Trainer) and `--fsdp` on two with batch 1 (the sharded loop): the same
+    chunked loss, packed rows, held-out evaluation, cosine schedule and TensorBoard log, step for step."""
+    from safetensors.torch import load_file
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from kbitprep.app.demo import build_tiny_model
+
+    model_dir = build_tiny_model(tmp_path / "tiny")
+    common = [str(model_dir), str(DEMO_DATA), "--max-steps", "4", "--save-steps", "2", "--seq-len", "48",
+              "--lora-dropout", "0", "--lr", "5e-3", "--pack", "--eval-fraction", "0.1", "--eval-steps", "2",
+              "--lr-scheduler", "cosine", "--warmup-steps", "1", "--report-to", "tensorboard"]
+    runs = {"one": tmp_path / "one", "two": tmp_path / "two"}
+    one = _run_command([*common, "--output", str(runs["one"]), "--batch-size", "2"], processes=1)
+    assert one.returncode == 0, one.stdout[-2000:] + one.stderr[-4000:]
+    two = _run_command([*common, "--output", str(runs["two"]), "--batch-size", "1", "--fsdp"], processes=2)
+    assert two.returncode == 0, two.stdout[-2000:] + two.stderr[-4000:]
+    reports = {name: json.loads((path / "report.json").read_text()) for name, path in runs.items()}
+
+    assert reports["two"]["world_size"] == 2 and reports["two"]["settings"]["fsdp"] is True
+    for report in reports.values():  # the same loss, computed the same way, on the same packed rows
+        assert report["loss"]["loss"] == "chunked" and report["loss"]["reason"] is None
+        assert report["data"]["packing"]["packs"] > 0
+    assert reports["one"]["loss"]["compute_dtype"] == reports["two"]["loss"]["compute_dtype"]
+    steps = {name: report["loss_history"] for name, report in reports.items()}
+    assert [e["step"] for e in steps["two"]] == [e["step"] for e in steps["one"]] == [1, 2, 3, 4]
+    assert [e["loss"] for e in steps["two"]] == pytest.approx([e["loss"] for e in steps["one"]], rel=2e-3)
+    assert [e["learning_rate"] for e in steps["two"]] == pytest.approx(
+        [e["learning_rate"] for e in steps["one"]], abs=1e-12)
+    evaluations = {name: report["eval_history"] for name, report in reports.items()}
+    assert [e["step"] for e in evaluations["two"]] == [e["step"] for e in evaluations["one"]] == [2, 4]
+    assert [e["loss"] for e in evaluations["two"]] == pytest.approx(
+        [e["loss"] for e in evaluations["one"]], rel=2e-3)
+    assert steps["one"][-1]["loss"] < steps["one"][0]["loss"]  # it trains
+
+    adapters = {name: load_file(path / "adapter" / "adapter_model.safetensors") for name, path in runs.items()}
+    assert sorted(adapters["two"]) == sorted(adapters["one"])
+    assert max(_relative(adapters["two"][key], adapters["one"][key]) for key in adapters["one"]) < 2e-2
+
+    for path in runs.values():  # the TensorBoard hook on both loops: every step, and each evaluation
+        assert len(list((path / "tensorboard").iterdir())) == 1  # rank 1 wrote none
+        events = EventAccumulator(str(path / "tensorboard"))
+        events.Reload()
+        assert [e.step for e in events.Scalars("train/loss")] == [1, 2, 3, 4]
+        assert [e.step for e in events.Scalars("eval/loss")] == [2, 4]
+
+
+@pytest.mark.slow
+def test_a_diverging_sharded_run_stops_on_every_process_before_its_checkpoint(tmp_path: Path) -> None:
+    """The divergence guard is a step hook: `--fsdp` stops at the first non-finite step as one process does."""
+    from kbitprep.app.demo import build_tiny_model
+
+    model_dir, run = build_tiny_model(tmp_path / "tiny"), tmp_path / "run"
+    result = _run_command([str(model_dir), str(DEMO_DATA), "--output", str(run), "--fsdp", "--max-steps", "3",
+                           "--save-steps", "1", "--batch-size", "1", "--seq-len", "48", "--lr", "1e30"], processes=2)
+    shown = result.stdout + result.stderr
+    assert result.returncode != 0, shown[-3000:]
+    assert "training diverged at step 2" in shown and "lower --lr (now 1e+30) or --lora-alpha" in shown
+    assert not (run / "report.json").exists() and not (run / "adapter").exists()
+    # Step 1 was finite and its checkpoint complete; step 2's was never written.
+    assert sorted(p.name for p in (run / "checkpoints").iterdir() if p.name.startswith("checkpoint-")) == \
+        ["checkpoint-1"]

@@ -165,7 +165,7 @@ def test_leftovers_of_a_killed_write_are_removed_by_the_next_start(tmp_path: Pat
 
 
 def test_atomic_writes_leave_no_temporary_name_when_they_fail(tmp_path: Path, monkeypatch) -> None:
-    from kbitprep.app.runs import folder as outputs
+    from kbitprep.app.runs import atomic as outputs
 
     def disk_full(handle, data):
         handle.write(data[:3])

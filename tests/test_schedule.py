@@ -47,7 +47,7 @@ def trainer_rates(settings: FinetuneSettings, tmp_path: Path) -> list[float]:
 
 
 def sharded_loop_rates(settings: FinetuneSettings) -> list[float]:
-    from kbitprep.app.distributed.loop import ShardedTraining
+    from kbitprep.app.training.sharded_loop import ShardedTraining
 
     loop = types.SimpleNamespace(model=torch.nn.Linear(2, 2), settings=settings, total_steps=STEPS)
     ShardedTraining._set_up_optimizer(loop)  # type: ignore[arg-type]  # the loop's own set-up, without a process group

@@ -11,14 +11,14 @@ Each folder owns one concern and says so in its `__init__`:
                   and their trained spans; tokenize: ids, labels and batches; packing
     model/        loading (quantized, or saved quantized), lora, inspection (`kbitprep inspect`),
                   quiet (known log notes)
-    training/     run: FinetuneRun, the phases claim → load → prepare → adapt → train → report → save;
-                  executor: what differs by executor (TrainerExecutor: one process or DDP);
-                  sharded: ShardedExecutor (`--fsdp`); trainer, divergence, evaluation, sampling,
-                  observer, tensorboard_log (`--report-to tensorboard`)
+    training/     run: FinetuneRun, the phases claim → load → prepare → adapt → train → report → save,
+                  over values; inputs: what a run reads, once; executor: what differs by executor
+                  (TrainerExecutor: one process or DDP); sharded: ShardedExecutor (`--fsdp`) and
+                  sharded_loop (its steps); hooks: per-step features both loops call; order: the
+                  example order; trainer, divergence, evaluation, sampling, observer, tensorboard_log
     memory/       estimate: the fit check; step: a training step on the meta device;
                   simulated_loss; live_bytes: counting live tensor bytes, measured peaks
-    distributed/  processes: torchrun start-up and barriers; fsdp: sharding the 4-bit base with FSDP2;
-                  loop: the sharded step loop
+    distributed/  processes: torchrun start-up and barriers; fsdp: sharding the 4-bit base with FSDP2
     runs/         folder: the run folder (lock, manifest, checkpoints, atomic writes);
                   report: report.json; plot: the loss curve
     export/       merge: the adapter folded into the dequantized base; gguf: the merged model as

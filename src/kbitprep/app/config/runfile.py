@@ -190,11 +190,12 @@ def settings_from(given: Mapping[str, Any], run_file: str | os.PathLike[str] | N
     return FinetuneSettings(**values)
 
 
-def run_file_text(settings: FinetuneSettings) -> str:
-    """A run file of `settings` (resolved first): every setting but `NOT_WRITTEN`, in declaration order."""
+def run_file_text(settings: FinetuneSettings, config: Mapping[str, Any] | None = None) -> str:
+    """A run file of `settings` (resolved first, against `config` when the model's config.json is
+    already read): every setting but `NOT_WRITTEN`, in declaration order."""
     import yaml
 
-    resolved = settings.resolved()
+    resolved = settings.resolved(config)
     values = {s.name: list(value) if isinstance(value := getattr(resolved, s.name), tuple) else value
               for s in SETTINGS if s.name not in NOT_WRITTEN}
     header = ("# The settings of this kbitprep finetune run. Repeat it with\n"
@@ -203,6 +204,7 @@ def run_file_text(settings: FinetuneSettings) -> str:
     return header + yaml.safe_dump(values, sort_keys=False, allow_unicode=True, default_flow_style=False)
 
 
-def write_run_file(path: str | os.PathLike[str], settings: FinetuneSettings) -> None:
-    """Write `run_file_text(settings)` to `path` atomically (a run folder's run.yaml)."""
-    atomic_write_bytes(path, run_file_text(settings).encode("utf-8"))
+def write_run_file(path: str | os.PathLike[str], settings: FinetuneSettings,
+                   config: Mapping[str, Any] | None = None) -> None:
+    """Write `run_file_text(settings, config)` to `path` atomically (a run folder's run.yaml)."""
+    atomic_write_bytes(path, run_file_text(settings, config).encode("utf-8"))

@@ -44,11 +44,13 @@ __all__ = [
     "POSITIVE",
     "REPORT_TO_CHOICES",
     "SETTINGS",
+    "SHARDED_LIMITS",
     "Bound",
     "FinetuneError",
     "FinetuneSettings",
     "Option",
     "Setting",
+    "ShardedLimit",
     "add_arguments",
     "at_least",
     "given_settings",
@@ -64,6 +66,36 @@ TABLE_END = "<!-- end of finetune options -->"
 
 class FinetuneError(KbitPrepError, RuntimeError):
     """The fine-tuning run cannot go ahead or stopped; the message says why and what to do."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardedLimit:
+    """A setting value `--fsdp` cannot train with: one row of `SHARDED_LIMITS`.
+
+    Args:
+        name (str): the setting.
+        refused (tuple): its values the sharded run refuses.
+        what (str): the verb for the message ("shard").
+        why (str): the reason, in words.
+        fix (str): what to pass instead.
+    """
+
+    name: str
+    refused: tuple[Any, ...]
+    what: str
+    why: str
+    fix: str
+
+
+# Every setting the one-process run has, the sharded run has too, except these values.
+SHARDED_LIMITS = (
+    ShardedLimit("quantize", ("int8",), "shard", "FSDP cuts weights into rows, which int8 quantization state does not "
+                 "survive", "pass --quantize nf4"),
+)
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -242,9 +274,10 @@ class FinetuneSettings:
         if self.eval_steps is not None and self.eval_data is None and self.eval_fraction is None:
             raise FinetuneError("--eval-steps needs rows to evaluate on: pass --eval-data FILE or --eval-fraction F")
 
-    def resolved(self) -> FinetuneSettings:
+    def resolved(self, config: Mapping[str, Any] | None = None) -> FinetuneSettings:
         """The same settings with absolute paths, so a resumed run compares them from any folder, and
         `--quantize auto` resolved against the model folder (what the run loads, and report.json records).
+        `config`: the model folder's config.json, already read (None: read it here).
 
         Raises:
             QuantizeConflictError: `--quantize` contradicts the quantization the model folder was saved with.
@@ -253,7 +286,8 @@ class FinetuneSettings:
 
         paths = {s.name: os.path.abspath(getattr(self, s.name))
                  for s in SETTINGS if s.option.path and getattr(self, s.name) is not None}
-        return dataclasses.replace(self, **paths, quantize=resolve_folder_quantize(self.model, self.quantize))
+        quantize = resolve_folder_quantize(self.model, self.quantize, None if config is None else dict(config))
+        return dataclasses.replace(self, **paths, quantize=quantize)
 
     def to_dict(self) -> dict[str, Any]:
         """The settings as report.json and the INCOMPLETE marker record them."""
@@ -270,6 +304,18 @@ class FinetuneSettings:
         """The settings from a namespace parsed with `add_arguments`; settings it lacks keep their default."""
         given = {s.name: s.from_cli(getattr(args, s.name)) for s in SETTINGS if hasattr(args, s.name)}
         return cls(**{**given, **overrides})
+
+    def check_sharded(self) -> None:
+        """Refuse, for `--fsdp`, a resolved setting the sharded run cannot train with (`SHARDED_LIMITS`).
+
+        Raises:
+            FinetuneError: naming the setting, why, and the fix.
+        """
+        for limit in SHARDED_LIMITS:
+            value = getattr(self, limit.name)
+            if value in limit.refused:
+                raise FinetuneError(f"--fsdp cannot {limit.what} {_flag(limit.name)} {value} ({limit.why}); "
+                                    f"{limit.fix}")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -51,6 +51,7 @@ __all__ = [
     "packed_4bit_bytes",
     "plan_for_sharding",
     "prepare_for_sharding",
+    "send_rows",
     "shard_stats",
     "swap_4bit_layers",
     "training_device",
@@ -309,7 +310,7 @@ def _send_bytes(tensor: torch.Tensor | None, shape: tuple[int, ...], dtype: torc
     return wire.view(dtype).reshape(shape) if numel else torch.empty(shape, dtype=dtype, device=device)
 
 
-def _send_rows(tensor: torch.Tensor | None, shape: tuple[int, ...], dtype: torch.dtype,
+def send_rows(tensor: torch.Tensor | None, shape: tuple[int, ...], dtype: torch.dtype,
                device: torch.device) -> torch.Tensor:
     """Scatter one parameter from rank 0 as raw bytes: each rank receives only its own rows.
 
@@ -372,7 +373,7 @@ def _receive(model: nn.Module, source: nn.Module | None, device: torch.device) -
                 continue
             done.add(id(param))
             sent = getattr(origin, key) if origin is not None else None
-            mine = _send_rows(sent, tuple(param.shape), param.dtype, device)  # a DTensor's shape is the whole one
+            mine = send_rows(sent, tuple(param.shape), param.dtype, device)  # a DTensor's shape is the whole one
             with torch.no_grad():
                 _local_view(param).copy_(mine.reshape(_local_view(param).shape))
             if sent is not None:

@@ -103,21 +103,27 @@ def check_config_values(config: dict[str, Any], config_file: str | os.PathLike[s
     from transformers import AutoConfig
 
     try:
-        AutoConfig.from_pretrained(os.path.dirname(os.fspath(config_file)) or ".", local_files_only=True,
-                                   trust_remote_code=False)
+        model_type = config.get("model_type")
+        if isinstance(model_type, str):  # the values already read, checked as from_pretrained checks them
+            AutoConfig.for_model(model_type, **{k: v for k, v in config.items() if k != "model_type"})
+        else:
+            AutoConfig.from_pretrained(os.path.dirname(os.fspath(config_file)) or ".", local_files_only=True,
+                                       trust_remote_code=False)
     except Exception as error:  # noqa: BLE001 - transformers' validation raises many types; each names the field
         detail = " ".join(line.strip() for line in str(error).splitlines() if line.strip()) or type(error).__name__
         raise ModelFolderError(f"{config_file}: transformers cannot read this config ({detail}); fix that "
                                "value (numbers without quotes, true/false for switches)") from None
 
 
-def resolve_folder_quantize(model_dir: str | os.PathLike[str], requested: str) -> str:
+def resolve_folder_quantize(model_dir: str | os.PathLike[str], requested: str,
+                            config: dict[str, Any] | None = None) -> str:
     """The `--quantize` a run uses on a model folder: "auto" resolved, a contradiction refused.
 
     The rule is `kbitprep.backends.bitsandbytes.resolve_quantize`: a folder saved already
     quantized by bitsandbytes loads as saved ("auto", or its own format named explicitly),
     any other folder gets nf4 for "auto". A folder without a readable config.json keeps
-    `requested` ("auto": nf4): the checks that load it name what is wrong.
+    `requested` ("auto": nf4): the checks that load it name what is wrong. `config`: the
+    folder's config.json already read (it is then not read again).
 
     Raises:
         QuantizeConflictError: `requested` contradicts the quantization the folder was saved with.
@@ -125,14 +131,16 @@ def resolve_folder_quantize(model_dir: str | os.PathLike[str], requested: str) -
     """
     from ...backends.bitsandbytes import resolve_quantize
 
-    try:
-        config = json.loads((Path(model_dir) / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        config = {}
+    if config is None:
+        try:
+            config = json.loads((Path(model_dir) / "config.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            config = {}
     return resolve_quantize(config if isinstance(config, dict) else {}, requested, where=os.fspath(model_dir))[0]
 
 
-def check_weight_shapes(model_dir: str | os.PathLike[str], quantize: str = "none") -> None:
+def check_weight_shapes(model_dir: str | os.PathLike[str], quantize: str = "none",
+                        config: dict[str, Any] | None = None) -> None:
     """Compare the shapes in the weight files' headers with the model config.json describes, before loading.
 
     Only `.safetensors` headers are read (no tensor data); names the files and the model
@@ -144,6 +152,7 @@ def check_weight_shapes(model_dir: str | os.PathLike[str], quantize: str = "none
     Args:
         model_dir (str | PathLike): the model folder.
         quantize (str): the quantization the files hold: "none", or the saved format. Default: "none"
+        config (dict | None): config.json, already read; None: read it. Default: None
 
     Raises:
         ModelFolderError: a tensor has another shape than config.json gives it.
@@ -156,7 +165,7 @@ def check_weight_shapes(model_dir: str | os.PathLike[str], quantize: str = "none
     if not files:
         return
     try:
-        skeleton = build_meta_model(os.fspath(model_dir), quantize=quantize)
+        skeleton = build_meta_model(config if config is not None else os.fspath(model_dir), quantize=quantize)
         # Parameters and buffers, not state_dict(): a 4-bit layer's state_dict reads its quant
         # state's values, which a meta skeleton does not have.
         expected = {name: tuple(t.shape) for named in (skeleton.named_parameters(remove_duplicate=False),
@@ -175,17 +184,20 @@ def check_weight_shapes(model_dir: str | os.PathLike[str], quantize: str = "none
                         "that was saved with these weights beside them")
 
 
-def model_fingerprint(model_dir: str | os.PathLike[str]) -> str:
+def model_fingerprint(model_dir: str | os.PathLike[str], config: dict[str, Any] | None = None) -> str:
     """A hash of a model folder's config, tokenizer files, and weight files' names and sizes.
 
     Cheap for any model size (weights are not read): what a resumed run compares to
-    notice that the folder now holds another model.
+    notice that the folder now holds another model. `config`: config.json already read
+    (hashed as its values, so the file is not read again).
     """
     import hashlib
 
     folder = Path(model_dir)
     digest = hashlib.sha256()
-    for name in ("config.json", *TOKENIZER_FILES, "tokenizer_config.json"):
+    if config is not None:
+        digest.update(b"config.json\0" + json.dumps(config, sort_keys=True).encode())
+    for name in (*(() if config is not None else ("config.json",)), *TOKENIZER_FILES, "tokenizer_config.json"):
         if (folder / name).is_file():
             digest.update(name.encode() + b"\0" + (folder / name).read_bytes())
     for pattern in WEIGHT_PATTERNS:
@@ -257,7 +269,8 @@ def load_tokenizer(model_dir: str | os.PathLike[str]) -> Any:
 
 
 def load_quantized_model(model_dir: str | os.PathLike[str], quantize: str, *,
-                         device_index: int | None = None, compute: str = "auto") -> nn.Module:
+                         device_index: int | None = None, compute: str = "auto",
+                         config: dict[str, Any] | None = None) -> nn.Module:
     """A causal LM from a local folder, loaded as `quantize` says ("auto", "nf4", "fp4", "int8", "none").
 
     A folder saved already quantized by bitsandbytes (its config.json has a
@@ -267,6 +280,8 @@ def load_quantized_model(model_dir: str | os.PathLike[str], quantize: str, *,
 
     4-bit layers compute in `resolve_compute_dtype(config, compute)`; a model that is not
     quantized is loaded in that dtype, since all of it computes in the dtype it is stored in.
+    `config`: the folder's config.json as `check_model_folder` returned it, when the caller
+    has read it already (it is then not read again).
 
     Quantized layers are switched to their training layout at once (see
     `kbitprep.apply.keep_training_layout`: bitsandbytes' CPU inference repacking is switched off).
@@ -281,7 +296,7 @@ def load_quantized_model(model_dir: str | os.PathLike[str], quantize: str, *,
     from ...backends.bitsandbytes import resolve_quantize
     from ...sizing import bnb_config_for
 
-    config = check_model_folder(model_dir)
+    config = config if config is not None else check_model_folder(model_dir)
     quantize, saved = resolve_quantize(config, quantize, where=os.fspath(model_dir))
     accel = accelerator()
     device = torch.device(accel.type, device_index) if accel is not None and device_index is not None else "cpu"
@@ -297,7 +312,7 @@ def load_quantized_model(model_dir: str | os.PathLike[str], quantize: str, *,
         kwargs["device_map"] = {"": device_index}
     damaged = _damaged_weight_file(model_dir)
     if damaged is None:
-        check_weight_shapes(model_dir, quantize if saved is not None else "none")
+        check_weight_shapes(model_dir, quantize if saved is not None else "none", config=config)
     try:
         with warnings.catch_warnings(), _held_load_report() as reports:
             warnings.simplefilter("ignore", UserWarning)  # bitsandbytes/transformers notes about CPU-only set-ups

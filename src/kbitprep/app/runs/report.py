@@ -82,12 +82,14 @@ def read_report(output: str | os.PathLike[str]) -> dict[str, Any]:
 
 
 def loss_history(log_history: Sequence[dict[str, Any]]) -> list[dict[str, float]]:
-    """One entry per optimizer step (step, loss, learning_rate) from the Trainer's log history."""
+    """One entry per optimizer step (step, loss, learning_rate, grad_norm) from a step loop's log."""
     history: dict[int, dict[str, float]] = {}
     for entry in log_history:
         if "loss" in entry and "step" in entry:
             history[int(entry["step"])] = {"step": int(entry["step"]), "loss": float(entry["loss"]),
                                            "learning_rate": float(entry.get("learning_rate", 0.0))}
+            if entry.get("grad_norm") is not None:  # the norm before clipping, as both step loops log it
+                history[int(entry["step"])]["grad_norm"] = float(entry["grad_norm"])
     return [history[step] for step in sorted(history)]
 
 

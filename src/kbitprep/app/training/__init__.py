@@ -1,1 +1,1 @@
-"""A fine-tuning run: its phases, the Trainer glue, divergence, evaluation, sampling, progress."""
+"""A fine-tuning run: its inputs, its phases, the two step loops and the step hooks both call."""

@@ -7,13 +7,15 @@ alone, the transformers Trainer carries on, logs the non-finite losses as 0 (its
 
 - asks the Trainer to log losses as they are (`logging_nan_inf_filter=False`, set in the
   training arguments), so a NaN is never shown as 0;
-- checks at every step's log, which comes before that step's checkpoint is saved, that
-  the loss, the gradient norm and the trainable weights are finite; the first
+- checks after every step, before that step's checkpoint is saved (`DivergenceGuard`, the
+  first of the run's step hooks, on both step loops), that the loss, the gradient norm and
+  the trainable weights are finite; the first
   non-finite value stops the run with `DivergenceError` naming the step, the value and
   what to lower. The run folder keeps its last good checkpoint;
 - refuses to write an adapter holding a non-finite tensor (`check_finite_weights`).
 
-Every process of a `torchrun` run sees the same (reduced) loss and the same weights, so
+Every process of a `torchrun` run sees the same (reduced) loss; the weights are the same
+everywhere under DDP, and under --fsdp each process checks its shards and all agree, so
 they all stop at the same step.
 """
 
@@ -24,11 +26,12 @@ from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 from ...errors import KbitPrepError
+from .hooks import StepHook, StepState
 
 if TYPE_CHECKING:
     from torch import nn
 
-__all__ = ["DivergenceError", "check_finite_weights", "divergence_callback", "hint"]
+__all__ = ["DivergenceError", "DivergenceGuard", "check_finite_weights", "first_non_finite", "hint"]
 
 
 class DivergenceError(KbitPrepError, RuntimeError):
@@ -78,32 +81,49 @@ def check_finite_weights(model: nn.Module, *, what: str, lr: float, lora_alpha: 
                               + hint(lr, lora_alpha))
 
 
-def divergence_callback(lr: float, lora_alpha: float) -> Any:  # a transformers TrainerCallback
-    """A TrainerCallback that stops the run at the first non-finite weight, loss or gradient norm.
+class DivergenceGuard(StepHook):
+    """Stops the run at the first non-finite loss, gradient norm or trainable weight.
+
+    It runs first among the step hooks, after the step and before that step's checkpoint,
+    so a diverged step is in no checkpoint. Under --fsdp each process checks its own shards
+    and all agree, so every process stops at the same step with the same message.
 
     Args:
         lr (float): the run's learning rate, for the hint.
         lora_alpha (float): the run's LoRA alpha, for the hint.
-
-    Returns:
-        TrainerCallback: raises `DivergenceError` from `on_log` (loss, gradient norm,
-        trainable weights), before that step's checkpoint is saved.
     """
-    from transformers import TrainerCallback
 
-    class _StopOnDivergence(TrainerCallback):
-        # The Trainer logs every step (logging_steps=1) before it saves that step's checkpoint,
-        # so stopping here keeps a diverged step out of every checkpoint.
-        def on_log(self, args, state, control, logs=None, model=None, **kwargs):
-            step = f"training diverged at step {state.global_step}"
-            for key, label in (("loss", "the loss"), ("grad_norm", "the gradient norm")):
-                value = (logs or {}).get(key)
-                if value is not None and not math.isfinite(float(value)):
-                    raise DivergenceError(f"{step}: {label} is {float(value)}; " + hint(lr, lora_alpha))
-            found = None if model is None else \
-                first_non_finite((name, p) for name, p in model.named_parameters() if p.requires_grad)
-            if found is not None:
-                raise DivergenceError(f"{step}: the update made the weight {found[0]} {found[1]}; "
-                                      + hint(lr, lora_alpha))
+    def __init__(self, lr: float, lora_alpha: float) -> None:
+        self.lr, self.lora_alpha = lr, lora_alpha
 
-    return _StopOnDivergence()
+    def on_step(self, state: StepState, entries: list[dict[str, float]]) -> None:
+        step = f"training diverged at step {state.step}"
+        for key, label in (("loss", "the loss"), ("grad_norm", "the gradient norm")):
+            value = entries[0].get(key)
+            if value is not None and not math.isfinite(float(value)):
+                raise DivergenceError(f"{step}: {label} is {float(value)}; " + hint(self.lr, self.lora_alpha))
+        found = first_non_finite(_local_trainable(state.model))
+        if _any_process(found is not None):
+            where = (f"the weight {found[0]} {found[1]}" if found is not None
+                     else "a weight another process holds non-finite")
+            raise DivergenceError(f"{step}: the update made {where}; " + hint(self.lr, self.lora_alpha))
+
+
+def _local_trainable(model: nn.Module) -> list[tuple[str, Any]]:
+    """The trainable tensors as this process holds them (its shard of each, under FSDP)."""
+    return [(name, p.to_local() if hasattr(p, "to_local") else p)
+            for name, p in model.named_parameters() if p.requires_grad]
+
+
+def _any_process(flag: bool) -> bool:
+    """Whether `flag` holds on any process of the run (this one's, without torch.distributed)."""
+    import torch
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return flag
+    value = torch.tensor([1.0 if flag else 0.0])
+    if dist.get_backend() == "nccl":
+        value = value.cuda()
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item() > 0)

@@ -10,9 +10,10 @@ optimizer steps, and after the last, the model computes its loss on all of them:
 
 Each batch goes through `kbitprep.loss.causal_lm_loss`, the memory-lean loss training
 uses: only positions with a label reach the LM head, in chunks, so no (tokens x
-vocabulary) logits tensor of a batch, let alone of the eval set, ever exists. The figures
-go into the Trainer's log history (so a checkpoint keeps them and a resumed run carries
-them on), to the observer (the progress line), report.json and loss.png.
+vocabulary) logits tensor of a batch, let alone of the eval set, ever exists. `Evaluation`
+is a step hook, so both step loops evaluate the same way; the figures go into the loop's
+log (so a checkpoint keeps them and a resumed run carries them on), to the observer (the
+progress line), TensorBoard, report.json and loss.png.
 """
 
 from __future__ import annotations
@@ -24,14 +25,13 @@ from typing import TYPE_CHECKING, Any, cast
 
 from ..data.rows import IGNORE_INDEX, DataError, Row
 from ..data.tokenize import CausalLMCollator, TokenizedData
-from .observer import FinetuneObserver
+from .hooks import EVAL_LOSS, EVAL_PERPLEXITY, StepHook, StepState
 
 if TYPE_CHECKING:
     from torch import nn
 
-__all__ = ["EVAL_LOSS", "EVAL_PERPLEXITY", "eval_every", "eval_history", "evaluate", "hold_out", "make_eval_callback"]
+__all__ = ["EVAL_LOSS", "EVAL_PERPLEXITY", "Evaluation", "eval_every", "eval_history", "evaluate", "hold_out"]
 
-EVAL_LOSS, EVAL_PERPLEXITY = "eval_loss", "eval_perplexity"  # keys in the Trainer's log history
 _EVALUATIONS = 10  # without --eval-steps: this many evaluations over the run
 
 
@@ -103,24 +103,29 @@ def eval_history(log_history: Sequence[dict[str, Any]]) -> list[dict[str, float]
     return [history[step] for step in sorted(history)]
 
 
-def make_eval_callback(data: TokenizedData, batch_size: int, pad_token_id: int, eval_steps: int | None,
-                       observer: FinetuneObserver, *, loss: str = "chunked") -> Any:
-    """A TrainerCallback that evaluates every `eval_every(...)` steps and after the last step.
+class Evaluation(StepHook):
+    """Evaluates every `eval_every(...)` steps and after the last step; appends the figures to the step's entries.
 
-    Every process evaluates the whole set (the same figures everywhere, and a sharded model
-    runs its forward on all processes together); the main process tells the observer.
+    Every process evaluates the whole set (the same figures everywhere, and a sharded
+    model runs its forward on all processes together). The entry it appends goes into the
+    loop's log, so a checkpoint saved at this step keeps it for a resumed run.
+
+    Args:
+        data (TokenizedData): the evaluation rows.
+        batch_size (int): rows per forward pass.
+        pad_token_id (int): the padding id.
+        eval_steps (int | None): steps between evaluations; None: a tenth of the run.
+        loss (str): "chunked" or "full". Default: "chunked"
     """
-    from transformers import TrainerCallback
 
-    class EvalCallback(TrainerCallback):
-        def on_step_end(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
-            every = eval_every(eval_steps, state.max_steps)
-            if state.global_step % every and state.global_step != state.max_steps:
-                return
-            value, perplexity = evaluate(model, data, batch_size, pad_token_id, loss=loss)
-            # In the log history, so a checkpoint saved at this step keeps it for a resumed run.
-            state.log_history.append({"step": state.global_step, EVAL_LOSS: value, EVAL_PERPLEXITY: perplexity})
-            if state.is_world_process_zero:
-                observer.on_eval(state.global_step, value, perplexity)
+    def __init__(self, data: TokenizedData, batch_size: int, pad_token_id: int, eval_steps: int | None, *,
+                 loss: str = "chunked") -> None:
+        self.data, self.batch_size, self.pad_token_id = data, batch_size, pad_token_id
+        self.eval_steps, self.loss = eval_steps, loss
 
-    return EvalCallback()
+    def on_step(self, state: StepState, entries: list[dict[str, float]]) -> None:
+        every = eval_every(self.eval_steps, state.total_steps)
+        if state.step % every and state.step != state.total_steps:
+            return
+        value, perplexity = evaluate(state.model, self.data, self.batch_size, self.pad_token_id, loss=self.loss)
+        entries.append({"step": state.step, EVAL_LOSS: value, EVAL_PERPLEXITY: perplexity})

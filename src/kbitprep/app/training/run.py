@@ -1,7 +1,7 @@
 """QLoRA fine-tuning end to end: the library behind `kbitprep finetune` and `kbitprep demo`.
 
     model folder ──> load (nf4 | fp4 | int8 | none) ──> plan + prepare (kbitprep)
-        ──> LoRA (peft) ──> train (transformers Trainer, checkpoints) ──> adapter,
+        ──> LoRA (peft) ──> train (Trainer or the sharded loop, checkpoints) ──> adapter,
         report.json, loss.png, written atomically into the run folder
 
 Everything that can be checked before loading a model is checked first (options, the
@@ -10,22 +10,25 @@ The run folder is managed by `kbitprep.app.runs.folder`: it is marked INCOMPLETE
 file is in place, checkpoints count only once their completeness marker is written, and
 `resume=True` continues from the newest complete one.
 
-A run is a `FinetuneRun`: one method per phase (claim → load → prepare → adapt → train →
-report → save), each reading and setting the run's state on `self`, whatever executes it.
+A run is a `FinetuneRun` over values: its inputs are read once (`inputs.RunRequest`, then
+`inputs.RunInputs`), and each phase (claim → load → prepare → adapt → train → report →
+save) takes the values the earlier ones returned and returns what it builds (`Session`,
+`Built`, `Measured`, `Trained`, `FinetuneReport`); the run object holds none of them.
 What differs between one process and several is its executor (`executor`): one process
 or DDP under torchrun (`TrainerExecutor`: the transformers Trainer takes the steps), or
 the base sharded across the processes with `--fsdp` (`sharded.ShardedExecutor`).
 Only the main process writes the run folder's files.
 
-Where a new feature goes: a different loss in `trainer.FinetuneTrainer.compute_loss`;
-something to watch after every step as a TrainerCallback in `TrainerExecutor.callbacks`;
-a figure for the report in `FinetuneRun.report`; a change to the data in `FinetuneRun.load`.
+Where a new feature goes: something to do after every step is a `hooks.StepHook` in
+`step_hooks` (both step loops call it); a different loss in `kbitprep.loss`; a figure for
+the report in `FinetuneRun.report`; a change to the data in `inputs.read_inputs`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -35,18 +38,11 @@ from typing import TYPE_CHECKING, Any
 from ..config.runfile import write_run_file
 from ..config.settings import FinetuneError, FinetuneSettings
 from ..data.files import data_fingerprint, read_data
-from ..data.packing import PackedData, check_packing, pack_examples
+from ..data.packing import PackedData, check_packing
 from ..data.rows import IGNORE_INDEX, Row
-from ..data.tokenize import TokenizedData, check_token_ids, tokenize_rows
 from ..distributed.processes import barrier, main_decides, start_processes
 from ..memory.live_bytes import PeakMeter, measured_peak
-from ..model.loading import (
-    check_model_folder,
-    error_summary,
-    load_tokenizer,
-    model_fingerprint,
-    resolve_compute_dtype,
-)
+from ..model.loading import error_summary, model_fingerprint, resolve_compute_dtype
 from ..model.lora import attach_lora, linear_layer_names
 from ..model.quiet import without_log_notes
 from ..runs.folder import (
@@ -64,15 +60,24 @@ from ..runs.folder import (
 )
 from ..runs.plot import plot_loss
 from ..runs.report import FinetuneReport, package_versions, read_report
-from .divergence import check_finite_weights
-from .executor import Executor, LossPlanLike, TrainerExecutor
+from .divergence import DivergenceGuard, check_finite_weights
+from .evaluation import Evaluation
+from .executor import Built, Executor, Session, Trained, TrainerExecutor
+from .hooks import CheckpointMarker, Progress, StepHook, StepHooks
+from .inputs import (
+    RunInputs,
+    RunRequest,
+    check_chat_rows,
+    check_vocabulary,
+    evaluation_rows,
+    read_inputs,
+    resolve_settings,
+)
 from .observer import FinetuneObserver
-from .sampling import batch_loss, first_batch, generate, pad_token_id
+from .sampling import batch_loss, first_batch, generate
+from .tensorboard_log import open_tensorboard
 
 if TYPE_CHECKING:
-    import torch
-    from transformers import TrainingArguments
-
     from ...plan import PreparationPlan
 
 __all__ = [
@@ -81,6 +86,9 @@ __all__ = [
     "FinetuneReport",
     "FinetuneRun",
     "FinetuneSettings",
+    "Measured",
+    "RunInputs",
+    "RunRequest",
     "batch_loss",
     "check_chat_rows",
     "evaluation_rows",
@@ -90,6 +98,7 @@ __all__ = [
     "plot_loss",
     "read_report",
     "run_pipeline",
+    "step_hooks",
 ]
 
 # What the run read, recorded beside its settings in INCOMPLETE and checked on --resume.
@@ -98,7 +107,7 @@ _INPUT_KEYS = (("data_sha256", "DATA's content"), ("eval_data_sha256", "--eval-d
 
 
 def finetune(settings: FinetuneSettings, observer: FinetuneObserver | None = None) -> FinetuneReport:
-    """Fine-tune a local model with QLoRA on a JSONL file; write adapter, report and plot.
+    """Fine-tune a local model with QLoRA on a data file; write adapter, report and plot.
 
     Args:
         settings (FinetuneSettings): the run.
@@ -116,49 +125,11 @@ def finetune(settings: FinetuneSettings, observer: FinetuneObserver | None = Non
         >>> report.loss_drop
         0.62
     """
-    settings.check()
-    check_model_folder(settings.model)
-    rows = read_data(settings.data, settings.data_format)
-    rows, eval_rows = evaluation_rows(settings, rows)
-    check_chat_rows(settings, rows)
-    return run_pipeline(settings, rows, observer, eval_rows=eval_rows)
-
-
-def evaluation_rows(settings: FinetuneSettings, rows: Sequence[Row]) -> tuple[list[Row], list[Row]]:
-    """(training rows, evaluation rows) as --eval-data or --eval-fraction say; no evaluation rows without either.
-
-    Raises:
-        DataError: the evaluation file is bad, holds rows of another kind than DATA, or
-            DATA has too few rows to hold some out.
-    """
-    from ..data.rows import DataError
-    from .evaluation import hold_out
-
-    if settings.eval_fraction is not None:
-        return hold_out(rows, settings.eval_fraction, settings.seed, settings.data)
-    if settings.eval_data is None:
-        return list(rows), []
-    eval_rows = read_data(settings.eval_data, settings.data_format)
-    if (eval_rows[0].kind == "messages") != (rows[0].kind == "messages"):
-        raise DataError(f"{settings.eval_data}:{eval_rows[0].line}: --eval-data holds \"{eval_rows[0].kind}\" "
-                        f"rows but DATA holds \"{rows[0].kind}\" rows; evaluate on rows of the kind you train on")
-    return list(rows), eval_rows
-
-
-def check_chat_rows(settings: FinetuneSettings, rows: Sequence[Row]) -> None:
-    """Before anything is written: the --chat-template file reads, and chat rows have a template to render them.
-
-    Raises:
-        ChatTemplateError: naming the fix (`--chat-template FILE`).
-    """
-    from ..data.chat import check_chat_template, read_chat_template
-
-    template = read_chat_template(settings.chat_template) if settings.chat_template else None
-    if rows and rows[0].kind == "messages":
-        tokenizer = load_tokenizer(settings.model)
-        if template is not None:
-            tokenizer.chat_template = template
-        check_chat_template(tokenizer, settings.model, settings.chat_template)
+    resolved, config = resolve_settings(settings)
+    rows = read_data(resolved.data, resolved.data_format)
+    rows, eval_rows = evaluation_rows(resolved, rows)
+    request = RunRequest(resolved, tuple(rows), tuple(eval_rows), config)
+    return FinetuneRun(request, observer, inputs=read_inputs(request)).run()
 
 
 def run_pipeline(
@@ -170,15 +141,18 @@ def run_pipeline(
     makes: tuple[str, ...] = (),
     eval_rows: Sequence[Row] = (),
 ) -> FinetuneReport:
-    """The run after the cheap checks: claim the folder, then load, prepare, train, save.
+    """The run after the rows are read: claim the folder, then load, prepare, train, save.
 
     `setup(run_folder)` runs on the main process once the folder is marked INCOMPLETE and
-    before the model is loaded; `makes` names what it writes there (the demo writes its
+    before the model is read; `makes` names what it writes there (the demo writes its
     base model, which is then the run's model: made by the run, not read from the user).
     `eval_rows` are evaluated during training (`finetune` makes them from --eval-data or
     --eval-fraction).
     """
-    return FinetuneRun(settings, rows, observer, setup=setup, makes=makes, eval_rows=eval_rows).run()
+    resolved, config = resolve_settings(settings, model_made_by_run=setup is not None)
+    request = RunRequest(resolved, tuple(rows), tuple(eval_rows), config)
+    inputs = read_inputs(request) if setup is None else None
+    return FinetuneRun(request, observer, inputs=inputs, setup=setup, makes=makes).run()
 
 
 def executor_for(settings: FinetuneSettings) -> Executor:
@@ -190,134 +164,122 @@ def executor_for(settings: FinetuneSettings) -> Executor:
     return TrainerExecutor()
 
 
+def step_hooks(inputs: RunInputs, session: Session, memory: dict[str, Any]) -> StepHooks:
+    """The run's step hooks, in the order they must run (both step loops call them; see `hooks`).
+
+    The divergence guard comes first: it stops a step with a non-finite loss, gradient norm
+    or weight before anything records it. The evaluation comes before the progress and the
+    TensorBoard log, which report what it adds, and all of them before the checkpoint marker.
+    """
+    settings = inputs.settings
+    hooks: list[StepHook] = [DivergenceGuard(settings.lr, settings.lora_alpha)]
+    if inputs.eval_data is not None:
+        hooks.append(Evaluation(inputs.eval_data, settings.batch_size, inputs.pad_token_id, settings.eval_steps,
+                                loss=settings.loss))
+    hooks.append(Progress(session.observer))
+    board = open_tensorboard(settings, session.folder.path, session.device, memory, session.main)  # --report-to
+    if board is not None:
+        hooks.append(board)
+    hooks.append(CheckpointMarker(session.folder))
+    return StepHooks(hooks)
+
+
+@dataclasses.dataclass(frozen=True)
+class Measured:
+    """The first batch's loss and the sample completions, before or after training."""
+
+    loss: float
+    samples: tuple[tuple[str, str], ...]  # (prompt, completion)
+
+
 class FinetuneRun:
-    """One fine-tuning run, phase by phase; `run()` calls the phases in order.
+    """One fine-tuning run over values read once; `run()` calls the phases in order.
 
     Args:
-        settings (FinetuneSettings): the run (checked here; paths made absolute).
-        rows (Sequence[Row]): the training rows, already read.
+        request (RunRequest): the settings (checked, resolved) and the rows.
         observer (FinetuneObserver | None): receives progress on the main process. Default: None
+        inputs (RunInputs | None): the model's config and tokenizer and the tokenized rows;
+            None: read once `setup` has made the model. Default: None
         setup (Callable[[Path], object] | None): runs on the main process once the folder is
-            claimed, before loading. Default: None
+            claimed, before the model is read. Default: None
         makes (tuple[str, ...]): the names `setup` writes into the run folder. Default: ()
-        eval_rows (Sequence[Row]): rows to evaluate on during training, never trained. Default: ()
         executor (Executor | None): what places the model and takes the steps; None: the one
             the settings ask for (`executor_for`). Default: None
 
     Raises:
-        FinetuneError, QuantizeConflictError, FsdpError: settings out of range, a --quantize
-            the model folder contradicts, settings the executor cannot run; raised before the run
-            folder is touched.
+        FsdpError: the executor cannot start here (--fsdp without torchrun); raised before
+            the run folder is touched.
     """
 
-    # The state the phases build, in the order they set it.
-    args: TrainingArguments
-    device: torch.device
-    main: bool
-    resume_from: Path | None
-    tokenizer: Any
-    data: TokenizedData
-    train_data: TokenizedData | PackedData  # `data`, packed with --pack
-    eval_data: TokenizedData | None
-    model: Any  # a transformers causal LM; a peft PeftModel once adapted
-    plan: PreparationPlan
-    trainable: int
-    total: int
-    batch: dict[str, Any]
-    loss_before: float
-    loss_after: float
-    samples: list[dict[str, str]]
-    history: list[dict[str, float]]
-    memory: dict[str, Any]  # predicted and measured peak
-    evaluations: list[dict[str, float]]
-    loss_plan: LossPlanLike
-    peak: dict[str, Any]
-
-    def __init__(self, settings: FinetuneSettings, rows: Sequence[Row], observer: FinetuneObserver | None = None,
-                 *, setup: Callable[[Path], object] | None = None, makes: tuple[str, ...] = (),
-                 eval_rows: Sequence[Row] = (), executor: Executor | None = None) -> None:
-        self.executor = executor or executor_for(settings)
-        settings.check()
-        self.settings = settings.resolved()  # paths absolute, --quantize auto resolved against the model folder
+    def __init__(self, request: RunRequest, observer: FinetuneObserver | None = None, *,
+                 inputs: RunInputs | None = None, setup: Callable[[Path], object] | None = None,
+                 makes: tuple[str, ...] = (), executor: Executor | None = None) -> None:
+        self.request = request
+        self.settings = request.settings
+        self.inputs = inputs
+        self.executor = executor or executor_for(self.settings)
         self.executor.check(self.settings)
-        self.rows = rows
-        self.eval_rows = eval_rows
         self.observer = observer or FinetuneObserver()
         self.setup = setup
         self.makes = makes
         self.folder = RunFolder(self.settings.output)
-        self.timings: dict[str, float] = {}
 
     def run(self) -> FinetuneReport:
         """Claim the run folder, then load, prepare, adapt, train and save; clean up after a failure.
 
         The folder stays locked from the claim to the end, whatever happens.
         """
-        state_before = self.claim()
+        session, state_before = self.claim()
         try:
             try:
-                if self.main and self.setup is not None:
+                if session.main and self.setup is not None:
                     self.setup(self.folder.path)
                 barrier()
+                inputs = self.inputs if self.inputs is not None else read_inputs(self.request)
                 with without_log_notes("bnb-int8-cast"):
-                    report = self.train_and_save()
+                    report = self.train_and_save(inputs, self.resumed(session))
             except BaseException as error:
                 explained = explain_write_failure(error, self.folder)  # a full disk says so
-                if self.main:
+                if session.main:
                     self.folder.abandon(explained, state_before)
                 if explained is error:
                     raise
                 raise explained from error
             barrier()
         finally:
-            if self.main:
+            if session.main:
                 self.folder.unlock()
         return report
 
-    def train_and_save(self) -> FinetuneReport:
+    def train_and_save(self, inputs: RunInputs, session: Session) -> FinetuneReport:
         """Every phase after the claim; the timings cover all but the writing of the files."""
+        timings: dict[str, float] = {}
         started = time.perf_counter()
-        self.predict_memory()
-        with self.timed("load_s"):
-            self.load()
-        with self.measured_memory():
-            with self.timed("prepare_s"):
-                if not self.executor.builds_while_loading:
-                    self.build(self.model)
-            self.measure_before()
-            with self.timed("train_s"):
-                self.train()
-        self.measure_after()
-        if self.main:
-            self.timings["total_s"] = time.perf_counter() - started
-        report = self.report()
-        if self.main:
-            self.save(report)
-        return report
-
-    @contextlib.contextmanager
-    def timed(self, name: str) -> Iterator[None]:
-        """Record the seconds the block takes as `timings[name]`."""
-        started = time.perf_counter()
-        yield
-        self.timings[name] = time.perf_counter() - started
-
-    @contextlib.contextmanager
-    def measured_memory(self) -> Iterator[None]:
-        """Measure the peak of live tensor bytes over the block (from preparation to the end of training)."""
-        meter = PeakMeter(self.model).start()
+        memory = self.predict_memory(inputs)
+        with timed(timings, "load_s"):
+            built = self.executor.load(inputs, session, functools.partial(self.build, inputs, session))
+        timings["prepare_s"] = built.prepare_s
+        meter = PeakMeter(built.model).start()  # from the prepared model to the end of training
         try:
-            yield
+            batch = first_batch(inputs.data, self.settings.batch_size, inputs.pad_token_id)
+            before = self.measure(built.model, inputs, session, batch, "before")
+            with timed(timings, "train_s"):
+                trained = self.executor.train(built.model, inputs, session, step_hooks(inputs, session, memory))
+            peak = measured_peak(session.device)
         finally:
             measured = meter.stop()
-        self.memory = {**self.memory, "measured_peak_bytes": measured, "measured_by": meter.method}
-        predicted = self.memory.get("predicted_peak_bytes")
-        if predicted and measured:
-            self.memory["error_percent"] = round(100 * (predicted - measured) / measured, 2)
+        memory = measured_memory(memory, measured, meter.method)
+        after = self.measure(built.model, inputs, session, batch, "after")
+        if session.main:
+            timings["total_s"] = time.perf_counter() - started
+        report = self.report(inputs, session, built, trained, before, after, memory, peak, timings)
+        if session.main:
+            self.save(built, trained, report)
+        return report
 
     # --- the phases ----------------------------------------------------------------------
 
-    def predict_memory(self) -> None:
+    def predict_memory(self, inputs: RunInputs) -> dict[str, Any]:
         """The memory model's estimate of the run's peak, from config.json alone, before anything is loaded.
 
         The estimate is advice: a model it cannot size still trains, and report.json says why.
@@ -325,29 +287,29 @@ class FinetuneRun:
         from ..memory.estimate import MemorySettings, estimate_memory
 
         try:  # the settings' device defaults to where this run trains
-            estimate = estimate_memory(self.settings.model, MemorySettings.from_run(self.settings))
+            estimate = estimate_memory(inputs.config, MemorySettings.from_run(self.settings))
         except Exception as error:  # noqa: BLE001 - see the docstring
-            self.memory = {"predicted": None, "why_not_predicted": error_summary(error)}
-            return
-        self.memory = {"predicted": estimate.to_dict(), "predicted_peak_bytes": estimate.total}
+            return {"predicted": None, "why_not_predicted": error_summary(error)}
+        return {"predicted": estimate.to_dict(), "predicted_peak_bytes": estimate.total}
 
-    def claim(self) -> str:
+    def claim(self) -> tuple[Session, str]:
         """Start the processes; the main one locks the run folder, checks it and marks it INCOMPLETE.
 
         Returns:
-            str: the folder's state before. Under torchrun every process gets the main
-            one's answer (or its error), so all go on or all stop, with one lock taken.
+            tuple[Session, str]: this process's session, and the folder's state before. Under
+            torchrun every process gets the main one's answer (or its error), so all go on or
+            all stop, with one lock taken.
         """
         from .trainer import training_arguments
 
-        self.args = training_arguments(self.settings, self.folder.checkpoints_dir)
-        self.device = start_processes(self.args)  # under torchrun: joins the process group, before any barrier
-        self.main = self.args.process_index == 0
-        if not self.main:
-            self.observer = FinetuneObserver()  # only the main process reports progress
-        return main_decides(self.main, self.claim_folder)
+        args = training_arguments(self.settings, self.folder.checkpoints_dir)
+        device = start_processes(args)  # under torchrun: joins the process group, before any barrier
+        main = args.process_index == 0
+        observer = self.observer if main else FinetuneObserver()  # only the main process reports progress
+        session = Session(args=args, device=device, main=main, folder=self.folder, observer=observer)
+        return session, main_decides(main, functools.partial(self.claim_folder, observer))
 
-    def claim_folder(self) -> str:
+    def claim_folder(self, observer: FinetuneObserver) -> str:
         """Lock the folder, check that this run may use it (and may resume it), then mark it INCOMPLETE."""
         previous = self.folder.lock()
         try:
@@ -357,29 +319,30 @@ class FinetuneRun:
             writes = (*RUN_NAMES, *self.makes)
             state = self.folder.check_claim(overwrite=self.settings.overwrite, resume=self.settings.resume,
                                             inputs=reads, writes=writes)
-            inputs = self.inputs_record(model_made_by_run=self.settings.model in made)
+            inputs = self.inputs_record()
             if self.settings.resume and state == "incomplete":
                 self.check_resume(inputs)
             self.folder.start(overwrite=self.settings.overwrite, settings={**self.settings.to_dict(), **inputs},
                               writes=writes)
-            write_run_file(self.folder.path / RUN_FILE, self.settings)  # `--config DIR/run.yaml` repeats the run
+            # `--config DIR/run.yaml` repeats the run
+            write_run_file(self.folder.path / RUN_FILE, self.settings, self.request.config)
         except BaseException:
             self.folder.unlock()
             raise
         if previous is not None:
-            self.observer.on_message(f"the previous run in this folder ({describe_owner(previous)}) ended "
-                                     "without finishing; its lock is taken over")
+            observer.on_message(f"the previous run in this folder ({describe_owner(previous)}) ended "
+                                "without finishing; its lock is taken over")
         return state
 
-    def inputs_record(self, *, model_made_by_run: bool) -> dict[str, str]:
+    def inputs_record(self) -> dict[str, str]:
         """What identifies the run's inputs: the data files' hashes and the model folder's files."""
         record = {"data_sha256": data_fingerprint(self.settings.data)}
         for key, path in (("eval_data_sha256", self.settings.eval_data),
                           ("chat_template_sha256", self.settings.chat_template)):
             if path and Path(path).exists():  # a missing one is named by the phase that reads it
                 record[key] = data_fingerprint(path)
-        if not model_made_by_run:
-            record["model_fingerprint"] = model_fingerprint(self.settings.model)
+        if self.request.config is not None:  # a model the run makes itself is not the user's to compare
+            record["model_fingerprint"] = model_fingerprint(self.settings.model, self.request.config)
         return record
 
     def check_resume(self, inputs: dict[str, str]) -> None:
@@ -393,199 +356,148 @@ class FinetuneRun:
                                 f"{'; '.join(differ)}. Pass the run's settings and files, or --overwrite to start "
                                 "again")
 
-    def load(self) -> None:
-        """Find the checkpoint to resume from, tokenize the rows, load the (quantized) model."""
-        self.resume_from = self.resume_point() if self.settings.resume else None
-        self.tokenizer = load_tokenizer(self.settings.model)
-        if self.settings.chat_template:
-            from ..data.chat import read_chat_template
-
-            self.tokenizer.chat_template = read_chat_template(self.settings.chat_template)
-        self.data = tokenize_rows(self.rows, self.tokenizer, self.settings.seq_len, source=self.settings.data)
-        self.report_data_notes()
-        self.train_data = self.data
-        if self.settings.pack:
-            self.train_data = pack_examples(self.data.examples, self.settings.seq_len, self.settings.batch_size)
-        source = self.settings.eval_data or f"{self.settings.data} (held out)"
-        self.eval_data = tokenize_rows(self.eval_rows, self.tokenizer, self.settings.seq_len, source=source) \
-            if self.eval_rows else None
-        vocab_size = configured_vocab_size(check_model_folder(self.settings.model))
-        if vocab_size is not None:  # before loading: another model's tokenizer costs seconds, not a model load
-            self.check_token_ids(vocab_size)
-        self.load_model()
-
-    def load_model(self) -> None:
-        """The (quantized) model, placed by the executor; under --fsdp also prepared and adapted (`build`)."""
-        self.model = self.executor.load_model(self)
-        self.check_token_ids(self.model.get_input_embeddings().num_embeddings)
-
-    def check_token_ids(self, vocab_size: int) -> None:
-        """Refuse token ids (the padding id included) past the model's vocabulary."""
-        for data in (self.data, self.eval_data):
-            if data is not None:
-                check_token_ids(data, vocab_size, tokenizer_source=self.settings.model,
-                                pad_token_id=pad_token_id(self.tokenizer))
-
-    def resume_point(self) -> Path | None:
-        """The newest complete checkpoint, once checkpoints cut short while saving are removed."""
-        if self.main:
+    def resumed(self, session: Session) -> Session:
+        """The session with the checkpoint to resume from (`--resume`), once checkpoints cut short are removed."""
+        if not self.settings.resume:
+            return session
+        if session.main:
             for path in self.folder.remove_incomplete_checkpoints():
-                self.observer.on_message(f"removed {path.name}: it was cut short while saving")
+                session.observer.on_message(f"removed {path.name}: it was cut short while saving")
         barrier()
         latest = self.folder.latest_checkpoint()
-        self.observer.on_message(f"resuming from {latest.name}" if latest is not None
-                                 else "no complete checkpoint to resume from: starting at step 0")
-        return latest
+        session.observer.on_message(f"resuming from {latest.name}" if latest is not None
+                                    else "no complete checkpoint to resume from: starting at step 0")
+        return dataclasses.replace(session, resume_from=latest)
 
-    def report_data_notes(self) -> None:
-        """Tell the observer about rows cut at --seq-len and rows skipped for having no completion token."""
-        data, seq_len = self.data, self.settings.seq_len
-        if data.truncated:
-            self.observer.on_message(f"{data.truncated} row(s) longer than --seq-len {seq_len} were cut at its end")
-        if data.dropped:
-            shown = ", ".join(map(str, data.dropped[:5])) + (" ..." if len(data.dropped) > 5 else "")
-            self.observer.on_message(f"{len(data.dropped)} row(s) had no completion token within --seq-len "
-                                     f"and were skipped (lines {shown})")
+    def build(self, inputs: RunInputs, session: Session, model: Any) -> Built:
+        """The prepare and adapt phases on a loaded `model` (or, under --fsdp, a meta skeleton).
 
-    def build(self, model: Any) -> Any:
-        """The prepare and adapt phases on `model`; returns the adapted model.
-
-        Under --fsdp they run on rank 0's loaded model and on every process's meta skeleton,
-        so that all build the same structure; a skeleton's build reports nothing, and the
-        plan kept is the loaded model's where there is one.
+        A skeleton's build reports nothing: rank 0's loaded model reports the plan.
         """
+        started = time.perf_counter()
         skeleton = next(model.parameters()).device.type == "meta"
-        reporting, kept = self.observer, self.__dict__.get("plan")
-        if skeleton:
-            self.observer = FinetuneObserver()
-        try:
-            self.model = model
-            self.prepare()
-            self.adapt()
-        finally:
-            self.observer = reporting
-        if skeleton and kept is not None:
-            self.plan = kept
-        return self.model
+        observer = FinetuneObserver() if skeleton else session.observer
+        vocab_size = model.get_input_embeddings().num_embeddings
+        if not skeleton:
+            check_vocabulary(inputs, vocab_size)
+        model, plan = self.prepare(model, observer, check_packs=not skeleton)
+        model, trainable, total = self.adapt(model, observer)
+        return Built(model, plan, trainable, total, prepare_s=time.perf_counter() - started)
 
-    def prepare(self) -> None:
+    def prepare(self, model: Any, observer: FinetuneObserver, *, check_packs: bool) -> tuple[Any, PreparationPlan]:
         """Plan the preparation as the executor trains (the observer sees the plan) and apply it."""
         from ...apply import apply_plan
         from ...errors import NotQuantizedWarning
         from ...plan import SLOW_HEAD_PRECISION
 
-        self.plan = self.executor.plan_preparation(self.model, self.settings.upcast)
+        plan = self.executor.plan_preparation(model, self.settings.upcast)
         if self.settings.loss == "chunked":  # the chunked loss computes the head in the device's fast precision
-            self.plan = dataclasses.replace(self.plan, diagnostics=tuple(
-                d for d in self.plan.diagnostics if d.code != SLOW_HEAD_PRECISION.code))
-        self.observer.on_plan(self.plan)
+            plan = dataclasses.replace(plan, diagnostics=tuple(
+                d for d in plan.diagnostics if d.code != SLOW_HEAD_PRECISION.code))
+        observer.on_plan(plan)
         with warnings.catch_warnings():
             if self.settings.quantize == "none":  # asked for explicitly; the plan already says so
                 warnings.simplefilter("ignore", NotQuantizedWarning)
-            apply_plan(self.model, self.plan)
-        if self.settings.pack:  # before any training: refuse a model whose packed rows would see each other
-            check_packing(self.model, self.model.get_input_embeddings().num_embeddings)
+            apply_plan(model, plan)
+        if self.settings.pack and check_packs:  # before any training: refuse a model whose packed rows see each other
+            check_packing(model, model.get_input_embeddings().num_embeddings)
+        return model, plan
 
-    def adapt(self) -> None:
+    def adapt(self, model: Any, observer: FinetuneObserver) -> tuple[Any, int, int]:
         """Attach LoRA with the run's seed (the initialisation is part of the seeded state); count parameters."""
         from transformers import set_seed
 
         set_seed(self.settings.seed)
-        self.model = attach_lora(self.model, self.settings)
-        self.trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
-        self.total = sum(p.numel() for p in self.model.parameters())
-        self.observer.on_trainable(self.trainable, self.total)
+        model = attach_lora(model, self.settings)
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        total = sum(p.numel() for p in model.parameters())
+        observer.on_trainable(trainable, total)
+        return model, trainable, total
 
-    def measure_before(self) -> None:
-        """The first batch's loss and the sample completions before training."""
-        self.batch = first_batch(self.data, self.settings.batch_size, pad_token_id(self.tokenizer))
-        self.loss_before = batch_loss(self.model, self.batch, self.settings.loss)
-        generates = self.main or self.executor.every_process_generates
-        self.samples = [{"prompt": prompt} for prompt in self.settings.samples] if generates else []
-        self.complete_samples("before")
+    def measure(self, model: Any, inputs: RunInputs, session: Session, batch: dict[str, Any],
+                stage: str) -> Measured:
+        """The first batch's loss and the sample completions (where the executor generates), at `stage`."""
+        loss = batch_loss(model, batch, self.settings.loss)
+        samples = []
+        if session.main or self.executor.every_process_generates:
+            for prompt in self.settings.samples:
+                completion = generate(model, inputs.tokenizer, prompt, self.settings.max_new_tokens)
+                session.observer.on_sample(stage, prompt, completion)
+                samples.append((prompt, completion))
+        return Measured(loss, tuple(samples))
 
-    def measure_after(self) -> None:
-        """The same batch's loss and the sample completions after training."""
-        self.loss_after = batch_loss(self.model, self.batch, self.settings.loss)
-        self.complete_samples("after")
-
-    def complete_samples(self, stage: str) -> None:
-        """Greedy completions of the sample prompts, stored under `stage` (where the executor generates)."""
-        for sample in self.samples:
-            sample[stage] = generate(self.model, self.tokenizer, sample["prompt"], self.settings.max_new_tokens)
-            self.observer.on_sample(stage, sample["prompt"], sample[stage])
-
-    def train(self) -> None:
-        """The executor takes the optimizer steps, from the resume checkpoint if there is one."""
-        trained = self.executor.train(self)
-        self.history, self.evaluations, self.loss_plan = trained.history, trained.evaluations, trained.loss_plan
-        self.peak = measured_peak(self.device)
-
-    def report(self) -> FinetuneReport:
+    def report(self, inputs: RunInputs, session: Session, built: Built, trained: Trained, before: Measured,
+               after: Measured, memory: dict[str, Any], peak: dict[str, Any],
+               timings: dict[str, float]) -> FinetuneReport:
         """What the run did, as report.json records it."""
-        config = getattr(self.model, "config", None)
+        config = getattr(built.model, "config", None)
+        compute = resolve_compute_dtype(inputs.config, self.settings.compute_dtype, session.device)
         return FinetuneReport(
             settings=self.settings.to_dict(),
-            plan=self.plan.to_dict(),
+            plan=built.plan.to_dict(),
             model={"architecture": (getattr(config, "architectures", None) or ["?"])[0],
-                   "compute_dtype": self.compute_dtype_name(),
-                   "trainable_parameters": self.trainable, "total_parameters": self.total,
-                   **self.executor.report_model(self)},
-            loss={**self.loss_plan.to_dict(), "measured_peak": self.peak},
-            data=self.data_summary(),
-            loss_history=self.history,
-            eval_history=self.evaluations,
-            batch_loss_before=self.loss_before,
-            batch_loss_after=self.loss_after,
-            samples=self.samples,
-            resumed_from_step=checkpoint_step(self.resume_from) if self.resume_from is not None else None,
-            world_size=self.args.world_size,
-            timings=self.timings,
+                   "compute_dtype": str(compute).removeprefix("torch."),
+                   "trainable_parameters": built.trainable, "total_parameters": built.total, **built.placement},
+            loss={**trained.loss_plan.to_dict(), "measured_peak": peak},
+            data=data_summary(inputs),
+            loss_history=trained.history,
+            eval_history=trained.evaluations,
+            batch_loss_before=before.loss,
+            batch_loss_after=after.loss,
+            samples=[{"prompt": prompt, "before": first, "after": second}
+                     for (prompt, first), (_, second) in zip(before.samples, after.samples, strict=True)],
+            resumed_from_step=checkpoint_step(session.resume_from) if session.resume_from is not None else None,
+            world_size=session.args.world_size,
+            timings=timings,
             versions=package_versions(),
             files={"adapter": str(self.folder.path / ADAPTER_DIR), "report": str(self.folder.path / REPORT),
                    "loss_plot": str(self.folder.path / LOSS_PLOT)},
-            memory=self.memory,
+            memory=memory,
         )
 
-    def compute_dtype_name(self) -> str:
-        """The dtype the quantized layers compute in (`--compute-dtype`, "auto" resolved)."""
-        config = check_model_folder(self.settings.model)
-        return str(resolve_compute_dtype(config, self.settings.compute_dtype, self.device)).removeprefix("torch.")
-
-    def data_summary(self) -> dict[str, Any]:
-        """Rows read, examples kept, rows cut or skipped, and the tokens trained on per epoch."""
-        data = self.data
-        trained = sum(sum(label != IGNORE_INDEX for label in example["labels"][1:]) for example in data.examples)
-        summary = {"file": self.settings.data, "rows": len(self.rows), "examples": len(data),
-                   "truncated": data.truncated, "dropped_lines": list(data.dropped),
-                   "trained_tokens_per_epoch": trained, "kind": self.rows[0].kind if self.rows else None}
-        if isinstance(self.train_data, PackedData):
-            summary["packing"] = self.train_data.summary()
-        if self.eval_data is not None:
-            summary["eval"] = {"file": self.settings.eval_data, "fraction": self.settings.eval_fraction,
-                               "rows": len(self.eval_rows), "examples": len(self.eval_data)}
-        return summary
-
-    def save(self, report: FinetuneReport) -> None:
+    def save(self, built: Built, trained: Trained, report: FinetuneReport) -> None:
         """Adapter, loss plot, then report.json (the moment the run counts as finished), each atomically.
 
         An adapter holding a non-finite value is never written.
         """
-        check_finite_weights(self.model, what="write the adapter", lr=self.settings.lr,
+        check_finite_weights(built.model, what="write the adapter", lr=self.settings.lr,
                              lora_alpha=self.settings.lora_alpha)
         path = self.folder.path
         with atomic_directory(path / ADAPTER_DIR) as staging:
-            self.executor.save_adapter(self, staging)
+            self.executor.save_adapter(built.model, trained, staging)
         title = f"{Path(self.settings.model).name} · {self.settings.quantize} · LoRA r={self.settings.lora_r}"
         atomic_write_bytes(path / LOSS_PLOT, plot_loss(report.loss_history, title, report.eval_history))
         self.folder.finish(report.to_dict())
         self.observer.on_message(f"wrote {path / ADAPTER_DIR}, {path / REPORT}, {path / LOSS_PLOT}")
 
 
-def configured_vocab_size(config: dict[str, Any]) -> int | None:
-    """The vocabulary size config.json gives (its own, or its text model's); None if it gives none."""
-    for section in (config, config.get("text_config") or {}):
-        value = section.get("vocab_size") if isinstance(section, dict) else None
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    return None
+@contextlib.contextmanager
+def timed(timings: dict[str, float], name: str) -> Iterator[None]:
+    """Record the seconds the block takes as `timings[name]`."""
+    started = time.perf_counter()
+    yield
+    timings[name] = time.perf_counter() - started
+
+
+def measured_memory(memory: dict[str, Any], measured: int | None, method: str) -> dict[str, Any]:
+    """The memory record with the measured peak beside the prediction, and the prediction's error in percent."""
+    memory = {**memory, "measured_peak_bytes": measured, "measured_by": method}
+    predicted = memory.get("predicted_peak_bytes")
+    if predicted and measured:
+        memory["error_percent"] = round(100 * (predicted - measured) / measured, 2)
+    return memory
+
+
+def data_summary(inputs: RunInputs) -> dict[str, Any]:
+    """Rows read, examples kept, rows cut or skipped, and the tokens trained on per epoch."""
+    data, settings, request = inputs.data, inputs.settings, inputs.request
+    trained = sum(sum(label != IGNORE_INDEX for label in example["labels"][1:]) for example in data.examples)
+    summary = {"file": settings.data, "rows": len(request.rows), "examples": len(data),
+               "truncated": data.truncated, "dropped_lines": list(data.dropped),
+               "trained_tokens_per_epoch": trained, "kind": request.rows[0].kind if request.rows else None}
+    if isinstance(inputs.train_data, PackedData):
+        summary["packing"] = inputs.train_data.summary()
+    if inputs.eval_data is not None:
+        summary["eval"] = {"file": settings.eval_data, "fraction": settings.eval_fraction,
+                           "rows": len(request.eval_rows), "examples": len(inputs.eval_data)}
+    return summary

@@ -6,11 +6,12 @@ executor changes only where the model goes and how the steps are taken::
     load: rank 0 loads the model, every rank builds its skeleton on the meta device; the
           run's own prepare and adapt phases build both, then FSDP2 shards the skeleton and
           rank 0 fills it (`kbitprep.app.distributed.fsdp.load_sharded`)
-    train: `ShardedTraining` (one process's numbers on the same global batch)
+    train: `ShardedTraining` (one process's numbers on the same global batch), with the
+          run's loss, data (packed or not) and step hooks (evaluation, divergence, ...)
     save: the adapter gathered whole, written once by rank 0
 
-What can be checked before the run folder is claimed is: a run without torchrun, or
-with int8 weights (which FSDP cannot shard), stops with the fix and writes nothing.
+What `--fsdp` cannot train with is one table (`SHARDED_LIMITS`, checked with the settings);
+this executor checks only that torchrun started the command.
 """
 
 from __future__ import annotations
@@ -21,120 +22,89 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..distributed.fsdp import FsdpError, adapter_state, load_sharded, plan_for_sharding, shard_stats
-from ..model.loading import check_model_folder, compute_dtype, load_quantized_model, resolve_compute_dtype
-from .executor import Executor, RunState, Trained
+from ..model.loading import compute_dtype, load_quantized_model, resolve_compute_dtype
+from .executor import Build, Built, Executor, Session, Trained
 
 if TYPE_CHECKING:
     from torch import nn
 
     from ...plan import PreparationPlan
     from ..config.settings import FinetuneSettings
+    from .hooks import StepHook
+    from .inputs import RunInputs
 
-__all__ = ["SHARDABLE_QUANTIZE", "ShardedExecutor", "check_sharded_settings"]
-
-# --quantize values whose weights FSDP can shard (int8's Int8Params cannot be cut into rows).
-SHARDABLE_QUANTIZE = ("nf4", "fp4", "none")
-
-
-def check_sharded_settings(settings: FinetuneSettings) -> None:
-    """Refuse, before anything is written, a sharded run that cannot start.
-
-    Raises:
-        FsdpError: `--quantize int8`, `--pack` or evaluation rows (not in the sharded loop
-            yet), or the command was not started by torchrun.
-    """
-    if settings.quantize not in SHARDABLE_QUANTIZE:
-        raise FsdpError(f"--fsdp cannot shard --quantize {settings.quantize} weights (FSDP cuts weights into rows, "
-                        "which int8 quantization state does not survive); pass --quantize nf4")
-    unsupported = [flag for flag, given in (("--pack", settings.pack), ("--eval-data", settings.eval_data),
-                                            ("--eval-fraction", settings.eval_fraction)) if given]
-    if unsupported:
-        raise FsdpError(f"--fsdp does not train with {' or '.join(unsupported)} yet (its loop has no packing or "
-                        "evaluation); drop it, or train without --fsdp")
-    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
-        raise FsdpError("--fsdp runs one process per device under torchrun: start it with "
-                        "`torchrun --nproc_per_node N -m kbitprep finetune MODEL DATA --output DIR --fsdp`")
-
-
-class ModelOwnLoss:
-    """The loss plan of a sharded run: the model's own loss (the chunked loss is not in its loop yet)."""
-
-    reason = "--fsdp computes the model's own loss over the full logits"
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"loss": "full", "reason": self.reason}
+__all__ = ["ShardedExecutor"]
 
 
 class ShardedExecutor(Executor):
     """The base model sharded across the torchrun processes with FSDP2; a plain loop takes the steps."""
 
-    builds_while_loading = True  # FSDP shards the prepared, adapted model
     every_process_generates = True  # each forward gathers the units collectively
 
-    def __init__(self) -> None:
-        self.adapter: dict[str, Any] = {}
-        self.sharding: dict[str, Any] = {}
-
     def check(self, settings: FinetuneSettings) -> None:
-        check_sharded_settings(settings)  # resolved: --quantize auto on a saved-int8 folder is int8
+        if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+            raise FsdpError("--fsdp runs one process per device under torchrun: start it with "
+                            "`torchrun --nproc_per_node N -m kbitprep finetune MODEL DATA --output DIR --fsdp`")
 
     def plan_preparation(self, model: Any, upcast: str) -> PreparationPlan:
         return plan_for_sharding(model, upcast=upcast)
 
-    def load_model(self, run: RunState) -> Any:
-        """Load on rank 0, build the skeleton everywhere, prepare and adapt both (`run.build`), shard, fill."""
+    def load(self, inputs: RunInputs, session: Session, build: Build) -> Built:
+        """Load on rank 0, build the skeleton everywhere, prepare and adapt both (`build`), shard, fill."""
         from ...sizing import build_meta_model
         from ..distributed.fsdp import training_device
 
-        settings = run.settings
-        config = check_model_folder(settings.model)
+        settings, config = inputs.settings, inputs.config
         # Rank 0 loads on the host; the compute dtype is the one for the device the shards train on.
         computes_in = resolve_compute_dtype(config, settings.compute_dtype, training_device())
         stored = computes_in if settings.quantize == "none" else compute_dtype(config)
         compute = str(computes_in).removeprefix("torch.")
+        builds: list[tuple[bool, Built]] = []  # (a skeleton?, its build); the loaded model's plan is the run's
 
         def load() -> nn.Module:
-            return load_quantized_model(settings.model, settings.quantize, compute=compute)
+            return load_quantized_model(settings.model, settings.quantize, compute=compute, config=config)
 
         def skeleton() -> nn.Module:
-            return build_meta_model(settings.model, quantize=settings.quantize, dtype=stored)
+            return build_meta_model(config, quantize=settings.quantize, dtype=stored)
+
+        def build_one(model: nn.Module) -> nn.Module:
+            built = build(model)
+            builds.append((next(model.parameters()).device.type == "meta", built))
+            return built.model
 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # bitsandbytes/transformers notes about CPU-only set-ups
-            model = load_sharded(load, skeleton, run.build)
+            model = load_sharded(load, skeleton, build_one)
         stats = shard_stats(model)
-        self.sharding = {"processes": run.args.world_size, **stats.to_dict()}
-        run.observer.on_message(
-            f"sharded over {run.args.world_size} processes: each holds about "
+        session.observer.on_message(
+            f"sharded over {session.args.world_size} processes: each holds about "
             f"{stats.local_parameter_bytes / 2 ** 20:,.1f} MiB of the {stats.full_parameter_bytes / 2 ** 20:,.1f} MiB "
             "of parameters")
-        return model
+        first = min(builds, key=lambda entry: entry[0])[1]  # rank 0's loaded model, else this rank's skeleton
+        return Built(model, first.plan, first.trainable, first.total,
+                     placement={"sharding": {"processes": session.args.world_size, **stats.to_dict()}},
+                     prepare_s=first.prepare_s)
 
-    def train(self, run: RunState) -> Trained:
+    def train(self, model: Any, inputs: RunInputs, session: Session, hooks: StepHook) -> Trained:
         """Train with `ShardedTraining`, from the resume checkpoint if there is one; gather the adapter."""
-        from ..distributed.loop import ShardedTraining
-        from .sampling import pad_token_id
-        from .tensorboard_log import open_tensorboard
+        from ...loss import plan_loss
+        from ..runs.report import loss_history
+        from .evaluation import eval_history
+        from .executor import announce_loss
+        from .sharded_loop import ShardedTraining
 
-        if run.settings.loss != "full":
-            run.observer.on_message(f"--loss {run.settings.loss}: --fsdp computes the model's own (full) loss")
-        board = open_tensorboard(run.settings, run.folder.path, run.device, run.memory, run.main)  # --report-to
-        training = ShardedTraining(run.model, run.data, run.settings, pad_token_id(run.tokenizer),
-                                   run.folder.checkpoints_dir, on_checkpoint=run.folder.mark_checkpoint_complete,
-                                   on_log=board.log_step if board is not None else None)
-        if run.resume_from is not None:
-            training.resume(run.resume_from)
-        history = training.train(run.observer)
-        if board is not None:
-            board.close()
-        self.adapter = adapter_state(run.model)  # collective: every rank takes part, rank 0 saves it
-        # No evaluation under --fsdp (check_sharded_settings refuses eval rows).
-        return Trained(history=history, evaluations=[], loss_plan=ModelOwnLoss())
+        loss_plan = plan_loss(model, inputs.settings.loss)  # collective: the probe runs a forward pass
+        announce_loss(loss_plan, session)
+        training = ShardedTraining(model, inputs.train_data, inputs.settings, inputs.pad_token_id,
+                                   session.folder.checkpoints_dir, hooks=hooks)
+        if session.resume_from is not None:
+            training.resume(session.resume_from)
+        log = training.train()
+        adapter = adapter_state(model)  # collective: every rank takes part, rank 0 saves it
+        return Trained(history=loss_history(log), evaluations=eval_history(log), loss_plan=loss_plan,
+                       adapter=adapter)
 
-    def save_adapter(self, run: RunState, directory: Path) -> None:
-        from ..distributed.loop import save_adapter
+    def save_adapter(self, model: Any, trained: Trained, directory: Path) -> None:
+        from .sharded_loop import save_adapter
 
-        save_adapter(run.model, self.adapter, directory)
-
-    def report_model(self, run: RunState) -> dict[str, Any]:
-        return {"sharding": self.sharding}
+        save_adapter(model, trained.adapter or {}, directory)

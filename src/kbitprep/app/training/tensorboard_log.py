@@ -9,8 +9,7 @@
                                              process's peak resident memory on a CPU)
     memory/predicted_peak_bytes  0           the memory model's prediction, when it has one
 
-One component, `TensorBoardLog`, is fed by either training path: the Trainer's log through
-`TensorBoardCallback`, the sharded loop's history through its `on_log` hook. Only the main
+One step hook, `TensorBoardLog`, serves either training path (see `hooks`). Only the main
 process writes. The files are written by torch's `SummaryWriter` (the tensorboard
 package's event format); `tensorboard --logdir RUN/tensorboard` shows them.
 """
@@ -21,19 +20,20 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from transformers import TrainerCallback
-
 from ..runs.folder import TENSORBOARD_DIR
-from .evaluation import EVAL_LOSS
+from .hooks import EVAL_LOSS, StepHook, StepState
 
-__all__ = ["STEP_SCALARS", "TensorBoardCallback", "TensorBoardLog", "open_tensorboard", "tensorboard_callbacks"]
+__all__ = ["STEP_SCALARS", "TensorBoardLog", "open_tensorboard"]
 
 # A log entry's key -> its TensorBoard tag.
 STEP_SCALARS = (("loss", "train/loss"), ("learning_rate", "train/learning_rate"), ("grad_norm", "train/grad_norm"))
 
 
-class TensorBoardLog:
+class TensorBoardLog(StepHook):
     """Writes a run's scalars into `run_folder/tensorboard/`; the writer opens on the first scalar.
+
+    A step hook: each step's entries (the step's own, and an evaluation's) become scalars;
+    a resumed run writes its new steps only.
 
     Args:
         run_folder (Path): the run folder.
@@ -75,43 +75,20 @@ class TensorBoardLog:
         writer.add_scalar("eval/loss", float(loss), int(step))
         writer.flush()
 
+    def on_step(self, state: StepState, entries: list[dict[str, float]]) -> None:
+        for entry in entries:
+            if "loss" in entry:
+                self.log_step(entry)
+            if EVAL_LOSS in entry:
+                self.log_eval(int(entry["step"]), entry[EVAL_LOSS])
+
+    def on_train_end(self, state: StepState) -> None:
+        self.close()
+
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
             self.writer = None
-
-
-class TensorBoardCallback(TrainerCallback):
-    """Feeds the Trainer's log (training steps, and the evaluations the run's eval callback adds) to a log.
-
-    Args:
-        log (TensorBoardLog): where the scalars go.
-    """
-
-    def __init__(self, log: TensorBoardLog) -> None:
-        self.log = log
-        self.seen = 0
-
-    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        self.seen = len(state.log_history)  # a resumed run's earlier steps are in the log already
-
-    def _drain(self, state: Any) -> None:
-        """Write the log entries added since the last call (the eval callback appends to the log itself)."""
-        if not state.is_world_process_zero:
-            return
-        for entry in state.log_history[self.seen:]:
-            if "loss" in entry and "step" in entry:
-                self.log.log_step(entry)
-            if EVAL_LOSS in entry:
-                self.log.log_eval(entry["step"], entry[EVAL_LOSS])
-        self.seen = len(state.log_history)
-
-    def on_log(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        self._drain(state)
-
-    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        self._drain(state)
-        self.log.close()
 
 
 def open_tensorboard(settings: Any, run_folder: Path, device: Any, memory: Mapping[str, Any],
@@ -120,10 +97,3 @@ def open_tensorboard(settings: Any, run_folder: Path, device: Any, memory: Mappi
     if settings.report_to != "tensorboard" or not main:
         return None
     return TensorBoardLog(run_folder, device, memory.get("predicted_peak_bytes"))
-
-
-def tensorboard_callbacks(settings: Any, run_folder: Path, device: Any, memory: Mapping[str, Any]
-                          ) -> list[TrainerCallback]:
-    """The Trainer callbacks `--report-to` asks for (the callback itself writes on the main process only)."""
-    log = open_tensorboard(settings, run_folder, device, memory, main=True)
-    return [TensorBoardCallback(log)] if log is not None else []

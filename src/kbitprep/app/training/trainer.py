@@ -16,10 +16,10 @@ from ...device import has_accelerator
 from ...loss import ChunkedLossMixin
 from ..config.settings import FinetuneSettings
 from ..distributed.processes import barrier
-from ..runs.folder import RunFolder
-from .observer import FinetuneObserver
+from .hooks import StepHook, StepState
+from .order import SeededOrder
 
-__all__ = ["FinetuneTrainer", "RunCallback", "restore_finished", "training_arguments", "training_done"]
+__all__ = ["FinetuneTrainer", "HookCallback", "restore_finished", "training_arguments", "training_done"]
 
 
 def training_arguments(settings: FinetuneSettings, output_dir: Path) -> TrainingArguments:
@@ -56,47 +56,60 @@ def training_arguments(settings: FinetuneSettings, output_dir: Path) -> Training
 
 class FinetuneTrainer(ChunkedLossMixin, Trainer):
     """The Trainer of a fine-tuning run: its loss is `kbitprep.causal_lm_loss` (`loss_mode`: "chunked"
-    or "full", the run's `--loss`). Progress goes to the run's observer, not to stdout."""
+    or "full", the run's `--loss`), its example order the sharded loop's (`order.SeededOrder`).
+    Progress goes to the run's observer, not to stdout."""
 
     def __init__(self, *args: Any, loss_mode: str = "chunked", **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.loss_mode = loss_mode
         self.remove_callback(PrinterCallback)  # it prints every log dict; the observer shows progress instead
 
+    def _get_train_sampler(self, *args: Any, **kwargs: Any) -> Any:
+        dataset: Any = (args[0] if args else kwargs.get("train_dataset")) or self.train_dataset
+        return SeededOrder(len(dataset), self.args.seed)
 
-class RunCallback(TrainerCallback):
-    """Marks checkpoints complete in the run folder and forwards progress to the observer.
+
+class HookCallback(TrainerCallback):
+    """The run's step hooks (`kbitprep.app.training.hooks`) as the Trainer's callback.
+
+    The Trainer logs every optimizer step (`logging_steps=1`) before it saves that step's
+    checkpoint, so `on_log` is where the hooks' `on_step` runs; the entries the hooks add
+    (an evaluation's) go into the Trainer's log history, which the checkpoint saves.
 
     Args:
-        folder (RunFolder): the run folder the checkpoints are written into.
-        observer (FinetuneObserver): receives progress (on the main process).
+        hooks (StepHook): the run's hooks (a `StepHooks` list).
     """
 
-    def __init__(self, folder: RunFolder, observer: FinetuneObserver) -> None:
-        self.folder = folder
-        self.observer = observer
+    def __init__(self, hooks: StepHook) -> None:
+        self.hooks = hooks
 
-    def on_train_begin(self, args: TrainingArguments, state: Any, control: Any, **kwargs: Any) -> None:
-        if state.is_world_process_zero:
-            self.observer.on_train_begin(state.max_steps, state.global_step)
+    @staticmethod
+    def _state(state: Any, model: Any) -> StepState:
+        return StepState(step=state.global_step, total_steps=state.max_steps, model=model,
+                         main=state.is_world_process_zero)
+
+    def on_train_begin(self, args: TrainingArguments, state: Any, control: Any, model: Any = None,
+                       **kwargs: Any) -> None:
+        self.hooks.on_train_begin(self._state(state, model))
 
     def on_log(self, args: TrainingArguments, state: Any, control: Any, logs: dict[str, float] | None = None,
-               **kwargs: Any) -> None:
-        if state.is_world_process_zero and logs and "loss" in logs:
-            self.observer.on_step(state.global_step, float(logs["loss"]))
+               model: Any = None, **kwargs: Any) -> None:
+        if not logs or "loss" not in logs:  # the end-of-training summary is no step
+            return
+        entries = [{**logs, "step": state.global_step}]
+        self.hooks.on_step(self._state(state, model), entries)
+        state.log_history.extend(entries[1:])
 
-    def on_save(self, args: TrainingArguments, state: Any, control: Any, **kwargs: Any) -> None:
-        # Every process has written its part of the checkpoint (its RNG state) before
-        # the main process declares the checkpoint complete.
+    def on_save(self, args: TrainingArguments, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
+        # Every process has written its part of the checkpoint (its RNG state) before the hooks hear of it.
         barrier()
-        if state.is_world_process_zero:
-            checkpoint = Path(str(args.output_dir)) / f"checkpoint-{state.global_step}"
-            self.folder.mark_checkpoint_complete(checkpoint, state.global_step)
+        checkpoint = Path(str(args.output_dir)) / f"checkpoint-{state.global_step}"
+        self.hooks.on_checkpoint(self._state(state, model), checkpoint)
         barrier()
 
-    def on_train_end(self, args: TrainingArguments, state: Any, control: Any, **kwargs: Any) -> None:
-        if state.is_world_process_zero:
-            self.observer.on_train_end()
+    def on_train_end(self, args: TrainingArguments, state: Any, control: Any, model: Any = None,
+                     **kwargs: Any) -> None:
+        self.hooks.on_train_end(self._state(state, model))
 
 
 def training_done(checkpoint: Path) -> bool:

@@ -2,9 +2,12 @@
 
 The transformers Trainer cannot drive a model that kbitprep shards itself (on CPU its
 FSDP does not engage, and without it accelerate wraps the model in DDP), so this loop
-does the Trainer's job with the Trainer's defaults: AdamW (betas 0.9/0.999, eps 1e-8,
-no weight decay), the run's learning-rate schedule built as the Trainer builds it
-(`kbitprep.app.config.schedule`), gradients clipped to norm 1.
+does the Trainer's job with the Trainer's defaults: the run's optimizer as the Trainer
+builds it (`kbitprep.app.config.optimizer`), the run's learning-rate schedule
+(`kbitprep.app.config.schedule`), gradients clipped to norm 1, the loss of
+`kbitprep.causal_lm_loss` (chunked unless `--loss full`), the example order of
+`order.global_order`, and the run's step hooks (`hooks`: divergence, evaluation,
+progress, TensorBoard, checkpoint markers) at the points where the Trainer calls them.
 
 One optimizer step on N processes computes exactly what one process computes on the
 same global batch, up to float summation order::
@@ -15,14 +18,13 @@ same global batch, up to float summation order::
     FSDP sums the gradients (divide factor 1), so they are the global batch's mean
 
 Checkpoints hold the adapter (gathered, whole), the optimizer state (gathered, whole),
-the step, the loss history and every rank's random state; rank 0 writes them and
+the step, the log (steps and evaluations) and every rank's random state; rank 0 writes them and
 reads them back on resume, so the output folder need only be on rank 0's storage.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -32,12 +34,16 @@ from torch import nn
 
 from ...errors import KbitPrepError
 from ..config.schedule import schedule
+from ..data.packing import PackedData
 from ..data.rows import IGNORE_INDEX
 from ..data.tokenize import CausalLMCollator, TokenizedData
-from .fsdp import adapter_state
+from ..distributed.fsdp import adapter_state, send_rows
+from .hooks import StepHook, StepHooks, StepState
+from .order import global_order, rank_batches
 
-__all__ = ["ShardedTraining", "ShardedTrainingError", "global_order", "rank_batches"]
+__all__ = ["MAX_GRAD_NORM", "ShardedTraining", "ShardedTrainingError"]
 
+Examples = TokenizedData | PackedData
 TRAINING_STATE = "training_state.pt"
 ADAPTER = "adapter"
 MAX_GRAD_NORM = 1.0
@@ -47,45 +53,25 @@ class ShardedTrainingError(KbitPrepError, ValueError):
     """The sharded run cannot go ahead as asked; the message names the setting to change."""
 
 
-def global_order(examples: int, seed: int, epoch: int) -> list[int]:
-    """The order examples are visited in during `epoch`: a permutation seeded by (seed, epoch)."""
-    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    return torch.randperm(examples, generator=generator).tolist()
-
-
-def rank_batches(order: Sequence[int], step_in_epoch: int, *, batch_size: int, grad_accum: int, rank: int,
-                 world: int) -> list[list[int]]:
-    """The example indices of each micro-batch that `rank` trains on in one optimizer step.
-
-    Example:
-        >>> rank_batches(range(16), 0, batch_size=2, grad_accum=2, rank=1, world=2)
-        [[2, 3], [6, 7]]
-    """
-    start = step_in_epoch * batch_size * grad_accum * world
-    return [list(order[start + (m * world + rank) * batch_size: start + (m * world + rank + 1) * batch_size])
-            for m in range(grad_accum)]
-
-
 class ShardedTraining:
     """Trains the LoRA adapters of a sharded model; one object per run.
 
     Args:
         model (nn.Module): the model from `kbitprep.app.distributed.fsdp.load_sharded`.
-        data (TokenizedData): the training examples.
+        data (TokenizedData | PackedData): the training examples (tokenized, or packed with --pack).
         settings (Any): the run's settings (batch_size, grad_accum, lr, max_steps, epochs,
-            seed, save_steps).
+            seed, save_steps, loss, lr_scheduler, ...).
         pad_token_id (int): the padding token.
         checkpoints (Path): where checkpoints go (`checkpoint-<step>` folders).
-        on_checkpoint (Any): called on rank 0 with (folder, step) once a checkpoint is whole.
-        on_log (Callable[[dict], None] | None): called on rank 0 with each step's history entry
-            (step, loss, learning_rate, grad_norm), as the Trainer's callbacks get its log. Default: None
+        hooks (StepHook | None): the run's step hooks (see `hooks`). Default: None
     """
 
-    def __init__(self, model: nn.Module, data: TokenizedData, settings: Any, pad_token_id: int, checkpoints: Path,
-                 on_checkpoint: Any = None, on_log: Callable[[dict[str, float]], None] | None = None) -> None:
+    def __init__(self, model: nn.Module, data: Examples, settings: Any, pad_token_id: int,
+                 checkpoints: Path, hooks: StepHook | None = None) -> None:
         self.model, self.data, self.settings = model, data, settings
         self.collate = CausalLMCollator(pad_token_id)
-        self.checkpoints, self.on_checkpoint, self.on_log = Path(checkpoints), on_checkpoint, on_log
+        self.checkpoints = Path(checkpoints)
+        self.hooks = hooks if hooks is not None else StepHooks([])
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.device = next(p.device for p in model.parameters())
         self.per_step = settings.batch_size * settings.grad_accum * self.world
@@ -97,46 +83,55 @@ class ShardedTraining:
                 "lower --batch-size or --grad-accum, or use fewer processes")
         self.total_steps = settings.max_steps or max(1, math.ceil(settings.epochs * self.steps_per_epoch))
         self.step = 0
-        self.history: list[dict[str, float]] = []
+        self.log: list[dict[str, float]] = []  # each step's entry and each evaluation's, as the Trainer's log
         self._set_up_optimizer()
 
     def _set_up_optimizer(self) -> None:
         from torch.distributed.fsdp import FSDPModule
 
+        from ..config.optimizer import make_optimizer
+
         for module in self.model.modules():
             if isinstance(module, FSDPModule):
                 module.set_gradient_divide_factor(1.0)  # the loss is already divided by the global token count
                 module.set_force_sum_reduction_for_comms(True)  # a plain sum, which gloo has (no PREMUL_SUM)
-        trainable = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(trainable, lr=self.settings.lr, betas=(0.9, 0.999), eps=1e-8,
-                                           weight_decay=0.0)
+        self.optimizer = make_optimizer([p for p in self.model.parameters() if p.requires_grad], self.settings)
         self.scheduler = schedule(self.optimizer, self.settings, self.total_steps)
+
+    @property
+    def state(self) -> StepState:
+        """Where training stands, for the hooks."""
+        return StepState(step=self.step, total_steps=self.total_steps, model=self.model, main=self.rank == 0)
 
     # --- one step ----------------------------------------------------------------------
 
-    def _micro_batches(self) -> list[dict[str, torch.Tensor]]:
+    def _micro_batches(self) -> list[dict[str, Any]]:
         epoch, step_in_epoch = divmod(self.step, self.steps_per_epoch)
         order = global_order(len(self.data), self.settings.seed, epoch)
         indices = rank_batches(order, step_in_epoch, batch_size=self.settings.batch_size,
                                grad_accum=self.settings.grad_accum, rank=self.rank, world=self.world)
-        return [{key: value.to(self.device) for key, value in self.collate([self.data[i] for i in batch]).items()}
-                for batch in indices]
+        return [{key: value.to(self.device) if isinstance(value, torch.Tensor) else value
+                 for key, value in self.collate([self.data[i] for i in batch]).items()} for batch in indices]
 
-    def _global_tokens(self, batches: list[dict[str, torch.Tensor]]) -> torch.Tensor:
+    def _global_tokens(self, batches: list[dict[str, Any]]) -> torch.Tensor:
         """Label tokens that count towards the loss in the whole global batch (every rank, every micro-batch)."""
         local = sum(int((batch["labels"][:, 1:] != IGNORE_INDEX).sum()) for batch in batches)
         count = torch.tensor([local], dtype=torch.float64, device=self.device)
         dist.all_reduce(count)
         return count.to(torch.float32).clamp_min(1.0).reshape(())
 
-    def train_step(self) -> float:
-        """One optimizer step; returns the global batch's mean token loss."""
+    def train_step(self) -> dict[str, float]:
+        """One optimizer step; returns its log entry (step, loss: the global batch's mean token loss,
+        learning_rate, grad_norm before clipping)."""
+        from ...loss import causal_lm_loss
+
         self.model.train()
         batches = self._micro_batches()
         tokens = self._global_tokens(batches)
         total = torch.zeros((), dtype=torch.float64, device=self.device)
-        for batch in batches:
-            loss = self.model(**batch, num_items_in_batch=tokens).loss  # sum of token losses / global tokens
+        for batch in batches:  # each loss: this rank's token losses / the global batch's tokens
+            loss = causal_lm_loss(self.model, batch, num_items_in_batch=tokens, loss=self.settings.loss)
+            assert isinstance(loss, torch.Tensor)
             loss.backward()
             total += loss.detach().to(torch.float64)
         norm = torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad], MAX_GRAD_NORM)
@@ -147,25 +142,20 @@ class ShardedTraining:
         self.optimizer.zero_grad(set_to_none=True)
         dist.all_reduce(total)
         self.step += 1
-        self.history.append({"step": self.step, "loss": float(total), "learning_rate": float(learning_rate),
-                             "grad_norm": float(norm)})
-        return float(total)
+        return {"step": self.step, "loss": float(total), "learning_rate": float(learning_rate),
+                "grad_norm": float(norm)}
 
-    def train(self, observer: Any) -> list[dict[str, float]]:
-        """Train to `total_steps`, checkpointing every `save_steps`; returns the loss history."""
-        if self.rank == 0:
-            observer.on_train_begin(self.total_steps, self.step)
+    def train(self) -> list[dict[str, float]]:
+        """Train to `total_steps`, calling the hooks and checkpointing every `save_steps`; returns the log."""
+        self.hooks.on_train_begin(self.state)
         while self.step < self.total_steps:
-            loss = self.train_step()
-            if self.rank == 0:
-                observer.on_step(self.step, loss)
-                if self.on_log is not None:
-                    self.on_log(self.history[-1])
+            entries = [self.train_step()]
+            self.hooks.on_step(self.state, entries)  # a hook that raises stops the run before this checkpoint
+            self.log.extend(entries)
             if self.step % self.settings.save_steps == 0 or self.step == self.total_steps:
                 self.save_checkpoint()
-        if self.rank == 0:
-            observer.on_train_end()
-        return self.history
+        self.hooks.on_train_end(self.state)
+        return self.log
 
     # --- checkpoints ---------------------------------------------------------------------
 
@@ -188,12 +178,11 @@ class ShardedTraining:
         if self.rank == 0:
             folder.mkdir(parents=True, exist_ok=True)
             save_adapter(self.model, adapter, folder / ADAPTER)
-            torch.save({"step": self.step, "history": self.history, "optimizer": optimizer,
+            torch.save({"step": self.step, "log": self.log, "optimizer": optimizer,
                         "scheduler": self.scheduler.state_dict(), "rng": rng, "world_size": self.world},
                        folder / TRAINING_STATE)
-            if self.on_checkpoint is not None:
-                self.on_checkpoint(folder, self.step)
         dist.barrier()
+        self.hooks.on_checkpoint(self.state, folder)  # every rank has written its part
         return folder
 
     def resume(self, checkpoint: Path) -> None:
@@ -215,7 +204,7 @@ class ShardedTraining:
         set_optimizer_state_dict(self.model, self.optimizer, state["optimizer"] if state is not None else {},
                                  options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
         self.scheduler.load_state_dict(meta["scheduler"])
-        self.step, self.history = meta["step"], list(meta["history"])
+        self.step, self.log = meta["step"], list(meta["log"])
         _set_rng_state(meta["rng"][self.rank])
 
 
@@ -254,12 +243,11 @@ def load_adapter_tensors(directory: Path, model: nn.Module) -> dict[str, torch.T
 
 def set_trainable(model: nn.Module, tensors: dict[str, torch.Tensor] | None) -> None:
     """Copy whole trainable tensors from rank 0 into every rank's shards (collective)."""
-    from .fsdp import _send_rows
 
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
         local = param.to_local() if hasattr(param, "to_local") else param.data
-        mine = _send_rows(None if tensors is None else tensors[name], tuple(param.shape), param.dtype, local.device)
+        mine = send_rows(None if tensors is None else tensors[name], tuple(param.shape), param.dtype, local.device)
         with torch.no_grad():
             local.copy_(mine.reshape(local.shape))

@@ -1,0 +1,167 @@
+"""What a run reads, each once, before its model is loaded: `RunRequest`, then `RunInputs`.
+
+    settings ──check, resolve──> RunRequest (settings, rows, eval_rows)     nothing of the model yet
+    model folder ──────────────> RunInputs  (+ config.json, tokenizer, tokenized data)
+
+`finetune` reads both before the run folder is claimed, so a bad option, model folder or
+data row costs seconds and writes nothing. A run whose model is made inside its folder
+(the demo writes its base model there) reads the model's part after that; either way each
+input is read once and handed to the phases as a value: config.json once (transformers'
+own loads aside), the tokenizer once (with --chat-template applied), the rows once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from ..config.settings import FinetuneSettings
+from ..data.files import read_data
+from ..data.packing import PackedData, pack_examples
+from ..data.rows import DataError, Row
+from ..data.tokenize import TokenizedData, check_token_ids, tokenize_rows
+from ..model.loading import check_model_folder, load_tokenizer
+from .sampling import pad_token_id
+
+if TYPE_CHECKING:
+    from collections.abc import Mapping
+
+__all__ = ["RunInputs", "RunRequest", "check_chat_rows", "configured_vocab_size", "evaluation_rows",
+           "read_inputs", "resolve_settings"]
+
+
+@dataclasses.dataclass(frozen=True)
+class RunRequest:
+    """A run's settings, checked once and resolved (`resolve_settings`), with its rows read.
+
+    Args:
+        settings (FinetuneSettings): checked; paths absolute, `--quantize auto` resolved.
+        rows (tuple[Row, ...]): the training rows.
+        eval_rows (tuple[Row, ...]): rows to evaluate on (never trained).
+        config (dict | None): the model folder's config.json, when the folder exists yet.
+    """
+
+    settings: FinetuneSettings
+    rows: tuple[Row, ...]
+    eval_rows: tuple[Row, ...] = ()
+    config: dict[str, Any] | None = None
+
+
+def resolve_settings(settings: FinetuneSettings, *, model_made_by_run: bool = False
+                     ) -> tuple[FinetuneSettings, dict[str, Any] | None]:
+    """The settings checked (once) and resolved, and config.json read (once, unless the run makes the model).
+
+    Raises:
+        FinetuneError, QuantizeConflictError, ModelFolderError: the message names the fix.
+    """
+    settings.check()
+    config = None if model_made_by_run else check_model_folder(settings.model)
+    resolved = settings.resolved(config)
+    if resolved.fsdp:
+        resolved.check_sharded()
+    return resolved, config
+
+
+@dataclasses.dataclass(frozen=True)
+class RunInputs:
+    """Everything a run reads, read once.
+
+    Args:
+        request (RunRequest): the settings and rows.
+        config (dict): the model folder's config.json.
+        tokenizer (Any): the model's tokenizer, --chat-template applied.
+        data (TokenizedData): the training rows, tokenized.
+        train_data (TokenizedData | PackedData): `data`, packed with --pack.
+        eval_data (TokenizedData | None): the evaluation rows, tokenized.
+    """
+
+    request: RunRequest
+    config: dict[str, Any]
+    tokenizer: Any
+    data: TokenizedData
+    train_data: TokenizedData | PackedData
+    eval_data: TokenizedData | None
+
+    @property
+    def settings(self) -> FinetuneSettings:
+        return self.request.settings
+
+    @property
+    def pad_token_id(self) -> int:
+        return pad_token_id(self.tokenizer)
+
+
+def read_inputs(request: RunRequest) -> RunInputs:
+    """The model's config and tokenizer, and the rows tokenized (and packed) as the run trains them.
+
+    Raises:
+        ModelFolderError, ChatTemplateError, DataError: the message names the file and the fix.
+    """
+    settings = request.settings
+    config = request.config if request.config is not None else check_model_folder(settings.model)
+    tokenizer = load_tokenizer(settings.model)
+    check_chat_rows(settings, request.rows, tokenizer)
+    data = tokenize_rows(request.rows, tokenizer, settings.seq_len, source=settings.data)
+    train_data: TokenizedData | PackedData = data
+    if settings.pack:
+        train_data = pack_examples(data.examples, settings.seq_len, settings.batch_size)
+    source = settings.eval_data or f"{settings.data} (held out)"
+    eval_data = tokenize_rows(request.eval_rows, tokenizer, settings.seq_len, source=source) \
+        if request.eval_rows else None
+    inputs = RunInputs(request, config, tokenizer, data, train_data, eval_data)
+    vocab_size = configured_vocab_size(config)
+    if vocab_size is not None:  # before loading: another model's tokenizer costs seconds, not a model load
+        check_vocabulary(inputs, vocab_size)
+    return inputs
+
+
+def check_vocabulary(inputs: RunInputs, vocab_size: int) -> None:
+    """Refuse token ids (the padding id included) past the model's vocabulary."""
+    for data in (inputs.data, inputs.eval_data):
+        if data is not None:
+            check_token_ids(data, vocab_size, tokenizer_source=inputs.settings.model,
+                            pad_token_id=inputs.pad_token_id)
+
+
+def evaluation_rows(settings: FinetuneSettings, rows: Sequence[Row]) -> tuple[list[Row], list[Row]]:
+    """(training rows, evaluation rows) as --eval-data or --eval-fraction say; no evaluation rows without either.
+
+    Raises:
+        DataError: the evaluation file is bad, holds rows of another kind than DATA, or
+            DATA has too few rows to hold some out.
+    """
+    from .evaluation import hold_out
+
+    if settings.eval_fraction is not None:
+        return hold_out(rows, settings.eval_fraction, settings.seed, settings.data)
+    if settings.eval_data is None:
+        return list(rows), []
+    eval_rows = read_data(settings.eval_data, settings.data_format)
+    if (eval_rows[0].kind == "messages") != (rows[0].kind == "messages"):
+        raise DataError(f"{settings.eval_data}:{eval_rows[0].line}: --eval-data holds \"{eval_rows[0].kind}\" "
+                        f"rows but DATA holds \"{rows[0].kind}\" rows; evaluate on rows of the kind you train on")
+    return list(rows), eval_rows
+
+
+def check_chat_rows(settings: FinetuneSettings, rows: Sequence[Row], tokenizer: Any) -> None:
+    """The --chat-template file reads and is set on `tokenizer`; chat rows have a template to render them.
+
+    Raises:
+        ChatTemplateError: naming the fix (`--chat-template FILE`).
+    """
+    from ..data.chat import check_chat_template, read_chat_template
+
+    if settings.chat_template:
+        tokenizer.chat_template = read_chat_template(settings.chat_template)
+    if rows and rows[0].kind == "messages":
+        check_chat_template(tokenizer, settings.model, settings.chat_template)
+
+
+def configured_vocab_size(config: Mapping[str, Any]) -> int | None:
+    """The vocabulary size config.json gives (its own, or its text model's); None if it gives none."""
+    for section in (config, config.get("text_config") or {}):
+        value = section.get("vocab_size") if isinstance(section, dict) else None
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    return None
