@@ -12,12 +12,32 @@ from torch import nn
 from .backends import detect_quantization
 from .checkpointing import enable_checkpointing
 from .device import empty_accelerator_cache
+from .diagnostics import error_code
 from .errors import PreparationError
 from .plan import PreparationPlan, plan_preparation
 
-__all__ = ["apply_plan", "keep_training_layout", "prepare_model_for_kbit_training"]
+__all__ = ["WRAPPED_MODEL", "apply_plan", "keep_training_layout", "prepare_model_for_kbit_training", "refuse_wrapped"]
 
 _NORM_HOOKS_ATTR = "_kbitprep_norm_hooks"
+
+WRAPPED_MODEL = error_code("wrapped-model", "the model is wrapped in DataParallel or DistributedDataParallel")
+
+
+def refuse_wrapped(model: Any) -> None:
+    """Refuse a model wrapped for data parallelism: prepare the model inside, then wrap it.
+
+    The wrapper has none of the model's own methods (gradient checkpointing, input
+    embeddings), so its plan would report the wrong problem.
+
+    Raises:
+        PreparationError: code `wrapped-model`, naming `.module` as the fix.
+    """
+    wrappers = (nn.DataParallel, nn.parallel.DistributedDataParallel)
+    if isinstance(model, wrappers):
+        inner = type(model.module).__name__
+        raise PreparationError("cannot prepare the model; nothing was changed", [WRAPPED_MODEL(
+            f"model is a {type(model).__name__} wrapping a {inner}: prepare the model itself, "
+            f"prepare_model_for_kbit_training(model.module), then wrap it (or attach the adapters) afterwards")])
 
 
 def _cast_floating(value: Any, dtype: torch.dtype) -> Any:
@@ -139,7 +159,8 @@ def prepare_model_for_kbit_training(
     Raises:
         TypeError: `model` is not a torch module, or an argument has the wrong type.
         ValueError: an argument has a value that is not allowed.
-        PreparationError: the model cannot be prepared (no parameters, weights on the meta
+        PreparationError: the model cannot be prepared (wrapped in DataParallel or
+            DistributedDataParallel: pass `model.module`; no parameters, weights on the meta
             device, cannot checkpoint); raised before anything is changed.
 
     Example:
@@ -148,6 +169,7 @@ def prepare_model_for_kbit_training(
         >>> model = prepare_model_for_kbit_training(model, upcast="norms")
         >>> model = peft.get_peft_model(model, LoraConfig(r=16, target_modules="all-linear"))
     """
+    refuse_wrapped(model)
     plan = plan_preparation(
         model, use_gradient_checkpointing, gradient_checkpointing_kwargs, auto_clear_cache,
         upcast=upcast, every_n_layers=every_n_layers, offload=offload,

@@ -14,6 +14,7 @@ import sys
 from collections.abc import Sequence
 
 from .. import __version__
+from ..app.distributed.processes import from_main_process, one_of_several
 from ..errors import KbitPrepError
 from . import demo, finetune, generate, inspect, merge
 from .console import make_consoles, quiet_third_party
@@ -75,12 +76,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         # KbitPrepError: the input or the situation is wrong, and the message says how to fix it;
         # OSError: the file system refused (a full disk, a permission). Anything else is a bug.
+        # Under torchrun an error the main process decided is shown by it alone; every other
+        # failure is this process's own and is shown with its rank. One process shows all.
+        launch = one_of_several()
+        if launch is not None and launch.rank != 0 and from_main_process(error):
+            return _EXIT_ERROR
+        prefix = "kbitprep: error" + (f" (rank {launch.rank} of {launch.world_size})" if launch else "")
         if isinstance(error, (KbitPrepError, OSError)):
-            if os.environ.get("RANK", "0") != "0":  # under torchrun every process finds the same problem
-                return _EXIT_ERROR
-            message = f"kbitprep: error: {_one_line(error)}"
+            message = f"{prefix}: {_one_line(error)}"
         else:
-            message = (f"kbitprep: error: unexpected {type(error).__name__}: {_one_line(error)} "
+            message = (f"{prefix}: unexpected {type(error).__name__}: {_one_line(error)} "
                        "(run again with --debug for the traceback)")
         err.print(message, markup=False, highlight=False, soft_wrap=True)
         return _EXIT_ERROR

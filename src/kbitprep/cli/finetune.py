@@ -48,6 +48,7 @@ def run(args: argparse.Namespace, console: Console) -> int:
 
 
 def _is_main_process() -> bool:
-    import os
+    from ..app.distributed.processes import one_of_several
 
-    return os.environ.get("RANK", "0") == "0"
+    launch = one_of_several()  # a RANK left in the shell is no torchrun launch
+    return launch is None or launch.rank == 0

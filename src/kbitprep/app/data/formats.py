@@ -160,6 +160,30 @@ def row_from_record(record: Any, line: int, where: str, data_format: str = "auto
     """
     if not isinstance(record, Mapping):
         raise DataError(f"{where}: expected a JSON object such as {{\"text\": ...}}, got {type(record).__name__}")
+    return _valid_text(_row_of_format(record, line, where, data_format), where)
+
+
+def _valid_text(row: Row, where: str) -> Row:
+    """Refuse a row whose text cannot be encoded (a lone surrogate from a JSON `"\\ud800"` escape).
+
+    Python's JSON reader accepts unpaired `\\uD800`-`\\uDFFF` escapes; the tokenizer then fails
+    deep inside its Rust code with no row number, so the row is named here.
+    """
+    texts = [("prompt", row.prompt), ("completion", row.completion),
+             *((f"messages[{index}] content", turn["content"]) for index, turn in enumerate(row.messages))]
+    for name, text in texts:
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as error:
+            code = ord(text[error.start])
+            name = "text" if name == "completion" and row.kind == "text" else name
+            raise DataError(f"{where}: invalid Unicode in the row's {name} (a lone surrogate \\u{code:04x} at "
+                            f"character {error.start + 1}, which no text can hold); a \\uD800-\\uDFFF escape must "
+                            "be one of a pair: fix or remove it") from None
+    return row
+
+
+def _row_of_format(record: Mapping[str, Any], line: int, where: str, data_format: str) -> Row:
     keys = ", ".join(sorted(map(str, record))) or "none"
     if data_format != "auto":
         chosen = _BY_NAME[data_format]
