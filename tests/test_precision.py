@@ -119,3 +119,15 @@ def test_the_command_picks_the_4bit_compute_dtype_by_the_same_rule(fast, expecte
         assert resolve_compute_dtype(config, "auto", "cpu") == expected
         assert resolve_compute_dtype(config, "float16", "cpu") == torch.float16  # the user's choice stands
     assert resolve_compute_dtype({}, "auto", "cpu") == torch.float32  # no dtype in the config: float32
+
+
+def test_each_backend_row_says_how_its_own_layers_compute_in_float32():
+    from kbitprep.backends import BACKENDS, RECOMMENDED_BACKEND
+
+    rows = {row.name: row for row in BACKENDS}
+    assert "bnb_4bit_compute_dtype=torch.float32" in rows["bitsandbytes-4bit"].compute_float32
+    assert "QuantoConfig" in rows["quanto"].compute_float32
+    assert "TorchAoConfig" in rows["torchao"].compute_float32
+    others = [row for name, row in rows.items() if not name.startswith("bitsandbytes")]
+    assert not any("BitsAndBytesConfig" in row.compute_float32 for row in others)
+    assert RECOMMENDED_BACKEND.name == "bitsandbytes-4bit" and "BitsAndBytesConfig" in RECOMMENDED_BACKEND.load_for_qlora

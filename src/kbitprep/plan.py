@@ -36,7 +36,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from .backends import UNKNOWN_BACKEND, Detection, detect_quantization, quantized_tensor_backend
+from .backends import (
+    RECOMMENDED_BACKEND,
+    UNKNOWN_BACKEND,
+    Detection,
+    detect_quantization,
+    quantized_tensor_backend,
+)
 from .backends.base import OwnedParameter, is_plain_tensor
 from .checkpointing import CheckpointingPlan, plan_checkpointing, validate_checkpointing_kwargs
 from .diagnostics import Diagnostic, error_code, warning_code
@@ -337,8 +343,8 @@ def _model_warnings(model: nn.Module, owned: _Owned, detection: Detection, upcas
         cost = sum(cast.bytes_added for cast in casts)
         found.append(NOT_QUANTIZED(
             f"model is not quantized ({detection.evidence}): it is frozen, {len(casts)} half-precision parameters "
-            f"are cast to float32 (+{cost:,} bytes) and checkpointing stays off, as the seed does. Load it with "
-            "a BitsAndBytesConfig for QLoRA, or pass upcast='none' (or use peft.get_peft_model directly)."))
+            f"are cast to float32 (+{cost:,} bytes) and checkpointing stays off, as the seed does. "
+            f"{RECOMMENDED_BACKEND.load_for_qlora}, or pass upcast='none' (or use peft.get_peft_model directly)."))
     unknown = [(name, type(param)) for name, param, _ in owned
                if quantized_tensor_backend(param) is UNKNOWN_BACKEND]
     if unknown:
@@ -352,8 +358,12 @@ def _model_warnings(model: nn.Module, owned: _Owned, detection: Detection, upcas
     return found + detection.behaviour.diagnostics(model, owned, upcast=upcast, casts=len(casts))
 
 
-def _slow_precision_warnings(model: nn.Module, owned: _Owned, casts: tuple[Cast, ...]) -> list[Diagnostic]:
-    """Layers left (or computing) in a half precision that their device runs many times slower than fp32."""
+def _slow_precision_warnings(model: nn.Module, owned: _Owned, casts: tuple[Cast, ...],
+                             detection: Detection) -> list[Diagnostic]:
+    """Layers left (or computing) in a half precision that their device runs many times slower than fp32.
+
+    How to make quantized layers compute in float32 is the detected backend's own advice.
+    """
     cast_names = {cast.name for cast in casts}
     cast_ids = {id(param) for name, param, _ in owned if name in cast_names}
     slow = slow_layers(model, lambda param: TARGET_DTYPE if id(param) in cast_ids else param.dtype)
@@ -375,9 +385,8 @@ def _slow_precision_warnings(model: nn.Module, owned: _Owned, casts: tuple[Cast,
         quantized = [layer for layer in others if layer.quantized]
         plain = sum(layer.numel for layer in others if not layer.quantized) * 2
         fixes = ([f"prepare with upcast='all' to keep the unquantized ones in float32 (+{plain:,} bytes)"]
-                 if plain else []) + (["load with BitsAndBytesConfig(bnb_4bit_compute_dtype=torch.float32) so the "
-                                        "4-bit layers compute in float32 (kbitprep finetune: --compute-dtype auto "
-                                        "picks it)"] if quantized else [])
+                 if plain else []) + ([(detection.backend or RECOMMENDED_BACKEND).compute_float32]
+                                      if quantized else [])
         subject = f"{len(others)} layer(s) (first: {others[0].name})"
         found.append(SLOW_PRECISION(_slow_message(others, subject) + " Fix: " + "; and ".join(fixes) + "."))
     return found
@@ -453,7 +462,7 @@ def plan_preparation(
     keep = _is_peft_model(model)
     trainable = [name for name, param, _ in owned if param.requires_grad]
     diagnostics = [*_model_warnings(model, owned, detection, upcast, casts),
-                   *_slow_precision_warnings(model, owned, casts), *checkpointing.warnings,
+                   *_slow_precision_warnings(model, owned, casts, detection), *checkpointing.warnings,
                    *_model_errors(model, owned), *checkpointing.errors]
 
     return PreparationPlan(

@@ -29,6 +29,7 @@ from .bitsandbytes import BITSANDBYTES, CLASSES_4BIT, CLASSES_8BIT
 
 __all__ = [
     "BACKENDS",
+    "RECOMMENDED_BACKEND",
     "UNKNOWN_BACKEND",
     "Backend",
     "BackendBehaviour",
@@ -42,20 +43,29 @@ __all__ = [
 # Order matters only inside pass 3 (first match wins); the flags and method names do not overlap.
 _ROWS: tuple[Backend, ...] = (
     Backend("bitsandbytes-4bit", "bitsandbytes", upcast_allowed=True, flags=("is_loaded_in_4bit",),
-            packages=CLASSES_4BIT, behaviour=BITSANDBYTES),
+            packages=CLASSES_4BIT, behaviour=BITSANDBYTES,
+            compute_float32="load with BitsAndBytesConfig(bnb_4bit_compute_dtype=torch.float32) so the 4-bit layers "
+                            "compute in float32 (kbitprep finetune: --compute-dtype auto picks it)",
+            load_for_qlora="Load it with a BitsAndBytesConfig for QLoRA"),
     Backend("bitsandbytes-8bit", "bitsandbytes", upcast_allowed=True, flags=("is_loaded_in_8bit",),
-            packages=CLASSES_8BIT, behaviour=BITSANDBYTES),
+            packages=CLASSES_8BIT, behaviour=BITSANDBYTES,
+            compute_float32="load with from_pretrained(..., dtype=torch.float32) beside BitsAndBytesConfig("
+                            "load_in_8bit=True): its int8 layers compute in the dtype of their input"),
     Backend("gptq", "gptq", packages=("auto_gptq.", "gptqmodel.", "optimum.gptq.")),
     Backend("awq", "awq", packages=("awq.",)),
     Backend("aqlm", "aqlm", packages=("aqlm.",)),
     Backend("vptq", "vptq", packages=("vptq.",)),
-    Backend("quanto", "quanto", packages=("optimum.quanto.", "quanto.")),
+    Backend("quanto", "quanto", packages=("optimum.quanto.", "quanto."),
+            compute_float32="load with from_pretrained(..., dtype=torch.float32) beside QuantoConfig(weights=...): "
+                            "quanto's layers compute in the dtype of their activations"),
     Backend("eetq", "eetq", packages=("eetq.",)),
     Backend("higgs", "higgs", packages=("flute.", "transformers.integrations.higgs.")),
     Backend("hqq", "hqq", flags=("hqq_quantized",), packages=("hqq.",)),
     Backend("compressed-tensors", "compressed-tensors", packages=("compressed_tensors.",)),
     Backend("fbgemm_fp8", "fbgemm_fp8", packages=("transformers.integrations.fbgemm_fp8.",)),
-    Backend("torchao", "torchao", packages=("torchao.",)),
+    Backend("torchao", "torchao", packages=("torchao.",),
+            compute_float32="load with from_pretrained(..., dtype=torch.float32) beside TorchAoConfig(...): "
+                            "torchao's weight-only layers compute in the dtype of their activations"),
     Backend("bitnet", "bitnet", packages=("transformers.integrations.bitnet.",)),
     Backend("spqr", "spqr", packages=("spqr_quant.",)),
     Backend("fp8", "fp8", packages=("transformers.integrations.finegrained_fp8.",)),
@@ -76,6 +86,9 @@ def _all_backends() -> tuple[Backend, ...]:
 
 
 BACKENDS: tuple[Backend, ...] = _all_backends()
+
+# The backend kbitprep recommends for a model that is not quantized (its row says how to load with it).
+RECOMMENDED_BACKEND: Backend = next(row for row in BACKENDS if row.load_for_qlora)
 
 # A tensor subclass that no row claims: treated as quantized storage (never cast),
 # and the model as quantized by a backend that manages its own precision.

@@ -98,6 +98,11 @@ class Backend:
             one of its bases, matches marks the model as quantized by it.
         behaviour (BackendBehaviour): what planning and applying do for it beyond this data.
             Default: nothing more
+        compute_float32 (str): how to make its quantized layers compute in float32, in its own
+            options (the advice where its layers compute in a precision the device runs slowly).
+            Default: generic words
+        load_for_qlora (str): how to load a model quantized by it for QLoRA, where kbitprep
+            recommends it for a model that is not quantized; "" for the others. Default: ""
     """
 
     name: str
@@ -106,6 +111,8 @@ class Backend:
     flags: tuple[str, ...] = ()
     packages: tuple[str, ...] = ()
     behaviour: BackendBehaviour = NO_BEHAVIOUR
+    compute_float32: str = "make its quantized layers compute in float32, as the backend's own options allow"
+    load_for_qlora: str = ""
 
     def owns_class(self, cls: type) -> bool:
         """Whether `cls` or one of its bases is a class of this backend."""
