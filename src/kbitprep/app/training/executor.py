@@ -24,12 +24,11 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 from ...device import has_accelerator
 from ..data.tokenize import CausalLMCollator
 from ..model.loading import load_quantized_model
-from .evaluation import eval_history
 
 if TYPE_CHECKING:
     import torch
@@ -43,15 +42,6 @@ if TYPE_CHECKING:
     from .observer import FinetuneObserver
 
 __all__ = ["Built", "Executor", "Session", "Trained", "TrainerExecutor"]
-
-
-class LossPlanLike(Protocol):
-    """What a run records of the loss it trained with (`kbitprep.LossPlan` is one)."""
-
-    @property
-    def reason(self) -> str | None: ...
-
-    def to_dict(self) -> dict[str, Any]: ...
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,15 +91,12 @@ class Trained:
     """What the step loop hands back to the run.
 
     Args:
-        history (list[dict[str, float]]): one entry per optimizer step (step, loss, learning_rate).
-        evaluations (list[dict[str, float]]): one entry per evaluation (step, loss, perplexity).
-        loss_plan (LossPlanLike): the loss the steps computed, and why if it is not the one asked for.
+        log (list[dict[str, float]]): the loop's log: one entry per optimizer step (step, loss,
+            learning_rate, grad_norm) and one per evaluation (step, eval_loss, eval_perplexity).
         adapter (dict | None): the adapter's tensors gathered whole (sharded runs); None: the model's own.
     """
 
-    history: list[dict[str, float]]
-    evaluations: list[dict[str, float]]
-    loss_plan: LossPlanLike
+    log: list[dict[str, Any]]
     adapter: dict[str, Any] | None = None
 
 
@@ -152,12 +139,6 @@ class Executor:
         model.save_pretrained(directory)
 
 
-def announce_loss(loss_plan: LossPlanLike, session: Session) -> None:
-    """Tell the observer when the chunked loss was asked for but the model's head cannot be split."""
-    if loss_plan.reason:
-        session.observer.on_message(f"--loss chunked: using the full loss instead, as {loss_plan.reason}")
-
-
 class TrainerExecutor(Executor):
     """One process, or several under torchrun with DDP: the transformers Trainer takes the steps."""
 
@@ -167,12 +148,8 @@ class TrainerExecutor(Executor):
         A run killed after its last step resumes from a checkpoint of that step; the Trainer
         would train one step more, so the weights and the log are taken from it as they are.
         """
-        from ...loss import plan_loss
-        from ..runs.report import loss_history
         from .trainer import FinetuneTrainer, HookCallback, restore_finished, training_done
 
-        loss_plan = plan_loss(model, inputs.settings.loss)
-        announce_loss(loss_plan, session)
         trainer = FinetuneTrainer(model=model, args=session.args, train_dataset=inputs.train_data,
                                   data_collator=CausalLMCollator(inputs.pad_token_id),
                                   callbacks=[HookCallback(hooks)], loss_mode=inputs.settings.loss)
@@ -182,5 +159,4 @@ class TrainerExecutor(Executor):
             restore_finished(trainer, resume_from)
         else:
             trainer.train(resume_from_checkpoint=str(resume_from) if resume_from is not None else None)
-        log = trainer.state.log_history
-        return Trained(history=loss_history(log), evaluations=eval_history(log), loss_plan=loss_plan)
+        return Trained(log=list(trainer.state.log_history))

@@ -59,9 +59,9 @@ from ..runs.folder import (
     explain_write_failure,
 )
 from ..runs.plot import plot_loss
-from ..runs.report import FinetuneReport, package_versions, read_report
+from ..runs.report import FinetuneReport, loss_history, package_versions, read_report
 from .divergence import DivergenceGuard, check_finite_weights
-from .evaluation import Evaluation
+from .evaluation import Evaluation, eval_history
 from .executor import Built, Executor, Session, Trained, TrainerExecutor
 from .hooks import CheckpointMarker, Progress, StepHook, StepHooks
 from .inputs import (
@@ -78,6 +78,7 @@ from .sampling import batch_loss, first_batch, generate
 from .tensorboard_log import open_tensorboard
 
 if TYPE_CHECKING:
+    from ...loss import LossPlan
     from ...plan import PreparationPlan
 
 __all__ = [
@@ -263,6 +264,7 @@ class FinetuneRun:
         try:
             batch = first_batch(inputs.data, self.settings.batch_size, inputs.pad_token_id)
             before = self.measure(built.model, inputs, session, batch, "before")
+            loss_plan = self.plan_loss(built.model, session)
             with timed(timings, "train_s"):
                 trained = self.executor.train(built.model, inputs, session, step_hooks(inputs, session, memory))
             peak = measured_peak(session.device)
@@ -272,7 +274,7 @@ class FinetuneRun:
         after = self.measure(built.model, inputs, session, batch, "after")
         if session.main:
             timings["total_s"] = time.perf_counter() - started
-        report = self.report(inputs, session, built, trained, before, after, memory, peak, timings)
+        report = self.report(inputs, session, built, trained, loss_plan, before, after, memory, peak, timings)
         if session.main:
             self.save(built, trained, report)
         return report
@@ -414,6 +416,16 @@ class FinetuneRun:
         observer.on_trainable(trainable, total)
         return model, trainable, total
 
+    def plan_loss(self, model: Any, session: Session) -> LossPlan:
+        """The loss the steps will compute (on every process: its first call probes the model with a forward);
+        the observer hears when the chunked loss was asked for but the head cannot be split."""
+        from ...loss import plan_loss
+
+        loss_plan = plan_loss(model, self.settings.loss)
+        if loss_plan.reason:
+            session.observer.on_message(f"--loss chunked: using the full loss instead, as {loss_plan.reason}")
+        return loss_plan
+
     def measure(self, model: Any, inputs: RunInputs, session: Session, batch: dict[str, Any],
                 stage: str) -> Measured:
         """The first batch's loss and the sample completions (where the executor generates), at `stage`."""
@@ -426,8 +438,8 @@ class FinetuneRun:
                 samples.append((prompt, completion))
         return Measured(loss, tuple(samples))
 
-    def report(self, inputs: RunInputs, session: Session, built: Built, trained: Trained, before: Measured,
-               after: Measured, memory: dict[str, Any], peak: dict[str, Any],
+    def report(self, inputs: RunInputs, session: Session, built: Built, trained: Trained, loss_plan: LossPlan,
+               before: Measured, after: Measured, memory: dict[str, Any], peak: dict[str, Any],
                timings: dict[str, float]) -> FinetuneReport:
         """What the run did, as report.json records it."""
         config = getattr(built.model, "config", None)
@@ -438,10 +450,10 @@ class FinetuneRun:
             model={"architecture": (getattr(config, "architectures", None) or ["?"])[0],
                    "compute_dtype": str(compute).removeprefix("torch."),
                    "trainable_parameters": built.trainable, "total_parameters": built.total, **built.placement},
-            loss={**trained.loss_plan.to_dict(), "measured_peak": peak},
+            loss={**loss_plan.to_dict(), "measured_peak": peak},
             data=data_summary(inputs),
-            loss_history=trained.history,
-            eval_history=trained.evaluations,
+            loss_history=loss_history(trained.log),
+            eval_history=eval_history(trained.log),
             batch_loss_before=before.loss,
             batch_loss_after=after.loss,
             samples=[{"prompt": prompt, "before": first, "after": second}

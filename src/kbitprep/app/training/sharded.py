@@ -87,22 +87,15 @@ class ShardedExecutor(Executor):
 
     def train(self, model: Any, inputs: RunInputs, session: Session, hooks: StepHook) -> Trained:
         """Train with `ShardedTraining`, from the resume checkpoint if there is one; gather the adapter."""
-        from ...loss import plan_loss
-        from ..runs.report import loss_history
-        from .evaluation import eval_history
-        from .executor import announce_loss
         from .sharded_loop import ShardedTraining
 
-        loss_plan = plan_loss(model, inputs.settings.loss)  # collective: the probe runs a forward pass
-        announce_loss(loss_plan, session)
         training = ShardedTraining(model, inputs.train_data, inputs.settings, inputs.pad_token_id,
                                    session.folder.checkpoints_dir, hooks=hooks)
         if session.resume_from is not None:
             training.resume(session.resume_from)
         log = training.train()
         adapter = adapter_state(model)  # collective: every rank takes part, rank 0 saves it
-        return Trained(history=loss_history(log), evaluations=eval_history(log), loss_plan=loss_plan,
-                       adapter=adapter)
+        return Trained(log=log, adapter=adapter)
 
     def save_adapter(self, model: Any, trained: Trained, directory: Path) -> None:
         from .sharded_loop import save_adapter
