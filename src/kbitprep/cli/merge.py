@@ -28,6 +28,10 @@ def add_parser(commands: argparse._SubParsersAction) -> argparse.ArgumentParser:
                              f"({', '.join(GGUF_ARCHITECTURES)})")
     parser.add_argument("--gguf-dtype", choices=list(GGUF_DTYPES), default="f16",
                         help="dtype of the GGUF file's weight matrices; norms stay f32 (default: %(default)s)")
+    parser.add_argument("--verify", action="store_true",
+                        help="compare the written model (and model.gguf, where llama-cpp-python is installed) with "
+                             "the run's 4-bit base + adapter on the run's first rows: max logit difference and "
+                             "greedy agreement; fail, writing nothing, past the printed tolerance")
     return parser
 
 
@@ -35,7 +39,8 @@ def run(args: argparse.Namespace, console: Console) -> int:
     from ..app.export.merge import merge_run
 
     with console.status("merging"):
-        report = merge_run(args.run, args.output, dtype=args.dtype, gguf=args.gguf, gguf_dtype=args.gguf_dtype)
+        report = merge_run(args.run, args.output, dtype=args.dtype, gguf=args.gguf, gguf_dtype=args.gguf_dtype,
+                           verify=args.verify)
     console.print(f"merged {report.merged} adapted layer(s) into {report.dequantized} dequantized "
                   f"{report.quantize} layer(s) of {report.base}", markup=False, highlight=False)
     console.print(f"wrote {report.output} ({report.dtype}, {report.seconds:.1f} s); load it with "
@@ -43,4 +48,16 @@ def run(args: argparse.Namespace, console: Console) -> int:
     if report.gguf:
         console.print(f"wrote {report.gguf} ({args.gguf_dtype}); run it with llama.cpp (llama-cli -m ...) or "
                       "Ollama (FROM ./model.gguf)", markup=False, highlight=False)
+    if report.modelfile:
+        console.print(f"wrote {report.modelfile}: `ollama create NAME -f {report.modelfile}`", markup=False,
+                      highlight=False)
+    console.print(f"generation stops at token id(s) {', '.join(map(str, report.eos_token_ids)) or 'none'} "
+                  "(generation_config.json eos_token_id)", markup=False, highlight=False)
+    for figures in report.verify or ():
+        judged = f"tolerance {figures['tolerance']:g}" if figures["tolerance"] is not None else "not judged"
+        console.print(f"verified {figures['model']} ({figures['dtype']}) on {figures['rows']} row(s) of the run's "
+                      f"data: max |logit difference| {figures['max_abs']:.4g} ({figures['relative']:.3g} of the "
+                      f"logit scale {figures['scale']:.4g}; {judged}), greedy agreement {figures['agreement']:.3f}"
+                      + (f" (at least {figures['min_agreement']:g})" if figures["min_agreement"] is not None else ""),
+                      markup=False, highlight=False)
     return 0

@@ -26,6 +26,8 @@ from typing import Any
 
 from ...errors import KbitPrepError
 from .merge import MERGE_RECORD, MergeError, read_finished_run, run_tokenizer
+from .run_model import load_run_model
+from .stops import end_of_turn_text, generation_eos_ids
 
 __all__ = ["CHAT_EXIT", "GenerateError", "Generator", "chat", "end_of_turn", "load_generator"]
 
@@ -96,7 +98,8 @@ class Generator:
         if temperature > 0:
             set_seed(seed)
             options = {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0}
-        eos = [i for i in (self.tokenizer.eos_token_id,) if i is not None]
+        # The tokenizer's eos and the generation config's (a merged folder's lists the end-of-turn token too).
+        eos = generation_eos_ids(self.model, self.tokenizer)
         if stop:
             options.update(stop_strings=[stop], tokenizer=self.tokenizer)
         streamer = _streamer(self.tokenizer, stream, stop) if stream is not None else None
@@ -142,13 +145,11 @@ def end_of_turn(tokenizer: Any) -> str:
     Raises:
         GenerateError: the tokenizer has no chat template.
     """
-    if not getattr(tokenizer, "chat_template", None):
+    text = end_of_turn_text(tokenizer)
+    if text is None:
         raise GenerateError("the tokenizer has no chat template, so --chat cannot render a conversation; use "
                             "--prompt TEXT, or train with --chat-template FILE (the run then carries it)")
-    marker = "\x00kbitprep\x00"
-    rendered = tokenizer.apply_chat_template([{"role": "user", "content": "hi"},
-                                              {"role": "assistant", "content": marker}], tokenize=False)
-    return rendered.split(marker, 1)[1].strip() if marker in rendered else ""
+    return text
 
 
 def load_generator(folder: str | os.PathLike[str]) -> Generator:
@@ -164,23 +165,7 @@ def load_generator(folder: str | os.PathLike[str]) -> Generator:
         run = read_finished_run(path, command="generate")
     except MergeError as error:
         raise GenerateError(f"{error} (or a folder written by `kbitprep merge`)") from None
-    import warnings
-
-    from peft import PeftModel
-
-    from ...apply import prepare_model_for_kbit_training
-    from ..model.loading import load_quantized_model
-
-    settings = run.settings
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # bitsandbytes/transformers notes about CPU-only set-ups
-        base = load_quantized_model(run.model, settings["quantize"], compute=settings.get("compute_dtype", "auto"))
-        base = prepare_model_for_kbit_training(base, upcast=settings.get("upcast", "norms"))
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # peft reads a deprecated transformers property
-            model = PeftModel.from_pretrained(base, run.adapter)
-    model.eval()
-    model.config.use_cache = True  # preparation switched it off for training
+    model = load_run_model(run.settings, run.adapter)
     return Generator(model, run_tokenizer(run), "run")
 
 

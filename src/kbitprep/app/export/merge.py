@@ -4,7 +4,10 @@
         ──> each quantized layer dequantized (the weights the adapter was trained against)
         ──> W + scale * B @ A per adapted layer, in float32, cast once to the output dtype
         ──> model folder (safetensors, config without quantization, tokenizer, generation
-            config), staged beside the output and renamed into place
+            config stopping at the chat template's end of turn), staged beside the output
+            and renamed into place; with --gguf, model.gguf and an Ollama Modelfile
+        ──> with --verify, the folder as written compared with the run's own model on the
+            run's rows (`kbitprep.app.export.verify`) before it is renamed into place
 
 Why dequantize rather than reuse the original 16-bit weights: the adapter learned to
 correct the 4-bit weights, not the 16-bit ones. Merging onto the originals adds that
@@ -35,6 +38,7 @@ from ...device import has_accelerator
 from ...errors import KbitPrepError
 from ..model.loading import ModelFolderError, check_model_folder, load_quantized_model, load_tokenizer
 from ..runs.folder import ADAPTER_DIR, INCOMPLETE, REPORT, RunFolder
+from .stops import MODELFILE, ollama_modelfile, stopping_generation_config
 
 if TYPE_CHECKING:
     import torch
@@ -87,6 +91,11 @@ class MergeReport:
         merged (int): layers that received an adapter update.
         seconds (float): time taken.
         gguf (str | None): the GGUF file written beside the safetensors (`gguf=True`). Default: None
+        modelfile (str | None): the Ollama Modelfile written beside the GGUF. Default: None
+        eos_token_ids (tuple[int, ...]): the generation config's eos ids (the model's eos and the
+            chat template's end-of-turn token). Default: ()
+        verify (tuple[dict, ...] | None): with `verify=True`, the figures of each comparison
+            (`VerifyFigures.to_dict`). Default: None
     """
 
     run: str
@@ -98,6 +107,9 @@ class MergeReport:
     merged: int
     seconds: float
     gguf: str | None = None
+    modelfile: str | None = None
+    eos_token_ids: tuple[int, ...] = ()
+    verify: tuple[dict[str, Any], ...] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -321,7 +333,8 @@ def _output_dtype(run: FinishedRun, dtype: str | None) -> torch.dtype:
 
 
 def merge_run(run_dir: str | os.PathLike[str], output: str | os.PathLike[str], *,
-              dtype: str | None = None, gguf: bool = False, gguf_dtype: str = "f16") -> MergeReport:
+              dtype: str | None = None, gguf: bool = False, gguf_dtype: str = "f16",
+              verify: bool = False) -> MergeReport:
     """Write a standalone model folder: the run's base, dequantized as it was trained, plus its adapter.
 
     Args:
@@ -331,6 +344,9 @@ def merge_run(run_dir: str | os.PathLike[str], output: str | os.PathLike[str], *
         gguf (bool): also write the merged model as `model.gguf` (llama.cpp, Ollama), tokenizer and
             chat template inside (`kbitprep.app.export.gguf`). Default: False
         gguf_dtype (str): "f32", "f16" or "bf16": the GGUF file's 2-D weights. Default: "f16"
+        verify (bool): compare the written folder (and GGUF, where llama-cpp-python is installed)
+            with the run's 4-bit base + adapter on the run's first rows; fail past the
+            tolerances (`kbitprep.app.export.verify`). Default: False
 
     Returns:
         MergeReport: what was merged and written.
@@ -340,6 +356,7 @@ def merge_run(run_dir: str | os.PathLike[str], output: str | os.PathLike[str], *
             exists; nothing is written.
         GgufError: with `gguf`, an architecture or tokenizer with no GGUF form here (checked before
             loading where the config tells); nothing is written.
+        VerifyError: with `verify`, a figure past its tolerance, or the run's data gone; nothing is written.
 
     Example:
         >>> merge_run("runs/demo", "merged", dtype="bf16").merged
@@ -361,9 +378,12 @@ def merge_run(run_dir: str | os.PathLike[str], output: str | os.PathLike[str], *
     dequantized = dequantize_layers(model)
     merged = merge_adapter(model, run.adapter, target)
     model.to(target)
+    model.generation_config = stopping_generation_config(model, tokenizer, run.model)
+    eos = model.generation_config.eos_token_id
     report = MergeReport(run=str(run.path.absolute()), output=str(output.absolute()), base=str(run.model),
                          quantize=run.settings["quantize"], dtype=str(target).removeprefix("torch."),
-                         dequantized=dequantized, merged=merged, seconds=0.0)
+                         dequantized=dequantized, merged=merged, seconds=0.0,
+                         eos_token_ids=tuple(eos if isinstance(eos, list) else [] if eos is None else [eos]))
     with _staged_folder(output) as staging:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
@@ -371,7 +391,21 @@ def merge_run(run_dir: str | os.PathLike[str], output: str | os.PathLike[str], *
             from .gguf import GGUF_FILE, write_gguf
 
             write_gguf(model, tokenizer, staging, staging / GGUF_FILE, dtype=gguf_dtype)
-            report = dataclasses.replace(report, gguf=str(output.absolute() / GGUF_FILE))
+            (staging / MODELFILE).write_text(ollama_modelfile(tokenizer, GGUF_FILE), encoding="utf-8")
+            report = dataclasses.replace(report, gguf=str(output.absolute() / GGUF_FILE),
+                                         modelfile=str(output.absolute() / MODELFILE))
+        if verify:
+            from .verify import VerifyError, check_figures, verify_merged
+
+            del model  # the comparison loads the run's model and the written folder, one at a time
+            figures = verify_merged(run.settings, run.adapter, tokenizer, staging,
+                                    gguf=staging / GGUF_FILE if gguf else None, gguf_dtype=gguf_dtype)
+            try:
+                check_figures(figures)
+            except VerifyError as error:
+                raise VerifyError(f"{error}; nothing was written to {output}. Merge without --verify to keep and "
+                                  "inspect the folder") from None
+            report = dataclasses.replace(report, verify=tuple(f.to_dict() for f in figures))
         report = dataclasses.replace(report, seconds=time.perf_counter() - started)
         (staging / MERGE_RECORD).write_text(json.dumps(report.to_dict(), indent=2) + "\n", encoding="utf-8")
     return report

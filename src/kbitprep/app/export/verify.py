@@ -1,0 +1,233 @@
+"""`kbitprep merge --verify`: the merged model computes what the run trained, on the run's own rows.
+
+    run's data (report.json: data, data format, seq_len, chat template) ──> first rows,
+        tokenized as the run tokenized them
+    4-bit base + adapter, loaded and prepared as the run did ──> reference logits
+    merged folder, loaded with from_pretrained from the files written ──> logits
+    model.gguf in llama.cpp, where llama-cpp-python is installed ──> logits
+        ──> max |logit difference| (absolute, and relative to the largest reference logit),
+            greedy next-token agreement ──> MergeReport.verify, and a failure past tolerance
+
+The merged weights are the dequantized 4-bit weights plus the adapter's update, so the two
+models differ only by rounding: the run multiplies by the dequantized weight in its
+compute dtype and adds the LoRA path separately, the merged model multiplies once by
+their sum stored in the output dtype. The tolerances are measured (`VERIFY_TOLERANCES`);
+a merge onto the wrong weights, a dropped layer or a damaged file is far beyond them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ...errors import KbitPrepError
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["VERIFY_ROWS", "VERIFY_TOLERANCES", "VerifyError", "VerifyFigures", "check_figures", "verify_merged"]
+
+VERIFY_ROWS = 4  # rows of the run's data compared
+
+# Largest |logit difference| allowed, relative to the largest |reference logit|, by the
+# coarser of two dtypes: the one the run computed in (its reference logits carry that
+# rounding) and the compared weights' (the merged folder's, the GGUF file's matrices).
+# Largest relative figures measured on 4 rows each (docs/cli.md, "merge --verify"): bfloat16
+# 0.0076 (the demo's bf16 Llama) and 0.013 (a float32 Qwen2-like tiny model merged to bf16);
+# float16 0.0011; float32 5e-7 (the same arithmetic in another order). bfloat16's tolerance
+# is 2.3 times its largest figure, below the 0.04 a merge onto the original 16-bit weights
+# gives on the demo (the error merge exists to avoid); float16's 4 times; float32's is
+# raised to 1e-4 for the longer sums of larger models.
+VERIFY_TOLERANCES = {"bfloat16": 0.03, "float16": 0.005, "float32": 1e-4}
+GGUF_DTYPE_NAMES = {"f32": "float32", "f16": "float16", "bf16": "bfloat16"}  # --gguf-dtype -> torch dtype
+# The least share of positions whose greedy next token must agree: a few near-ties may flip
+# under rounding (1 of 90 positions at bf16 on the demo), a wrong merge changes most.
+VERIFY_AGREEMENT = 0.9
+
+
+class VerifyError(KbitPrepError, RuntimeError):
+    """The merged model does not compute what the run trained; the message names the figure and the tolerance."""
+
+
+@dataclasses.dataclass(frozen=True)
+class VerifyFigures:
+    """How one exported model compares with the run's 4-bit base + adapter.
+
+    Args:
+        model (str): "merged" (the safetensors folder) or "gguf".
+        dtype (str): the dtype the compared model computed in (the GGUF's: its --gguf-dtype).
+        rows (int): rows of the run's data compared.
+        positions (int): token positions compared.
+        max_abs (float): the largest |logit difference|.
+        scale (float): the largest |reference logit|.
+        relative (float): `max_abs / scale`.
+        agreement (float): the share of positions whose greedy next token agrees.
+        tolerance (float | None): the largest `relative` allowed; None where none is measured
+            (quantized GGUF types): then the figures are reported, not judged.
+        min_agreement (float | None): the least `agreement` allowed (None: not judged).
+    """
+
+    model: str
+    dtype: str
+    rows: int
+    positions: int
+    max_abs: float
+    scale: float
+    relative: float
+    agreement: float
+    tolerance: float | None
+    min_agreement: float | None
+
+    @property
+    def failures(self) -> list[str]:
+        """Each figure past its tolerance, worded for the error message."""
+        found = []
+        if self.tolerance is not None and not self.relative <= self.tolerance:
+            found.append(f"max |logit difference| {self.max_abs:.4g} is {self.relative:.3g} of the logit scale "
+                         f"{self.scale:.4g}, beyond the tolerance {self.tolerance:g}")
+        if self.min_agreement is not None and not self.agreement >= self.min_agreement:
+            found.append(f"greedy next-token agreement {self.agreement:.3f} is below the tolerance "
+                         f"{self.min_agreement:g}")
+        return found
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**dataclasses.asdict(self), "passed": not self.failures}
+
+    def summary(self) -> str:
+        judged = f"tolerance {self.tolerance:g}" if self.tolerance is not None else "not judged"
+        return (f"{self.model} ({self.dtype}) vs the run's base + adapter on {self.rows} row(s), {self.positions} "
+                f"positions: max |logit difference| {self.max_abs:.4g} ({self.relative:.3g} of {self.scale:.4g}, "
+                f"{judged}), greedy agreement {self.agreement:.3f}")
+
+
+def _rows(settings: dict[str, Any], tokenizer: Any, count: int) -> list[list[int]]:
+    """The token ids of the run's first `count` rows, tokenized as the run did (its seq_len, its template)."""
+    from ..data.files import read_data
+    from ..data.rows import DataError
+    from ..data.tokenize import tokenize_rows
+
+    data = settings.get("data")
+    if not data or not Path(data).is_file():
+        raise VerifyError(f"{data}: --verify compares on rows of the run's data, which is no longer there; put it "
+                          "back where the run read it, or merge without --verify")
+    try:
+        rows = read_data(data, settings.get("data_format") or "auto")
+        tokenized = tokenize_rows(rows[:count], tokenizer, int(settings.get("seq_len") or 512), source=data)
+    except DataError as error:
+        raise VerifyError(f"--verify cannot read the run's rows: {error}") from None
+    return [example["input_ids"] for example in tokenized.examples]
+
+
+def _forward(model: Any, rows: list[list[int]]) -> tuple[list[torch.Tensor], str]:
+    """The float32 logits of each row, and the dtype the model computed them in."""
+    import torch
+
+    device = next(p.device for p in model.parameters())
+    with torch.no_grad():
+        logits = [model(input_ids=torch.tensor([ids], device=device)).logits[0] for ids in rows]
+    return [each.float().cpu() for each in logits], str(logits[0].dtype).removeprefix("torch.")
+
+
+def _tolerance(*dtypes: str) -> float | None:
+    """The tolerance of the coarsest of `dtypes` (by machine epsilon); None if one has no measured tolerance."""
+    import torch
+
+    if any(dtype not in VERIFY_TOLERANCES for dtype in dtypes):
+        return None
+    return VERIFY_TOLERANCES[max(dtypes, key=lambda name: torch.finfo(getattr(torch, name)).eps)]
+
+
+def _gguf_logits(path: Path, rows: list[list[int]]) -> list[torch.Tensor]:
+    """llama.cpp's logits at every position of each row (llama-cpp-python)."""
+    import numpy as np
+    import torch
+    from llama_cpp import Llama
+
+    llm = Llama(model_path=os.fspath(path), n_ctx=max(len(ids) for ids in rows) + 8, logits_all=True,
+                verbose=False, n_threads=max(1, (os.cpu_count() or 2) // 2))
+    found = []
+    for ids in rows:
+        llm.reset()
+        llm.eval(ids)
+        found.append(torch.from_numpy(np.array(llm.scores[:len(ids)], dtype=np.float32)))
+    return found
+
+
+def _figures(model: str, dtype: str, reference: list[torch.Tensor], other: list[torch.Tensor],
+             tolerance: float | None, min_agreement: float | None) -> VerifyFigures:
+    import torch
+
+    ref, got = torch.cat(reference), torch.cat(other)
+    vocab = min(ref.shape[-1], got.shape[-1])  # a GGUF may pad the vocabulary; compare what both have
+    ref, got = ref[:, :vocab], got[:, :vocab]
+    max_abs = (got - ref).abs().max().item()
+    scale = ref.abs().max().item()
+    agreement = (got.argmax(-1) == ref.argmax(-1)).float().mean().item()
+    return VerifyFigures(model, dtype, len(reference), int(ref.shape[0]), max_abs, scale,
+                         max_abs / scale if scale > 0 else float("inf"), agreement, tolerance, min_agreement)
+
+
+def verify_merged(settings: dict[str, Any], adapter: Path, tokenizer: Any, folder: str | os.PathLike[str], *,
+                  gguf: str | os.PathLike[str] | None = None, gguf_dtype: str = "f16",
+                  rows: int = VERIFY_ROWS) -> list[VerifyFigures]:
+    """Compare the merged folder (and its GGUF, where llama-cpp-python is installed) with the run's model.
+
+    Args:
+        settings (dict): the run's settings (report.json).
+        adapter (Path): the run's adapter folder.
+        tokenizer (Any): the run's tokenizer, with its chat template.
+        folder (str | PathLike): the merged model folder, as written.
+        gguf (str | PathLike | None): its GGUF file, if one was written. Default: None
+        gguf_dtype (str): the GGUF file's matrix dtype, for its tolerance. Default: "f16"
+        rows (int): rows of the run's data to compare on. Default: VERIFY_ROWS
+
+    Returns:
+        list[VerifyFigures]: the merged folder's figures, then the GGUF's where it was compared.
+
+    Raises:
+        VerifyError: the run's data is gone or no longer reads.
+    """
+    import gc
+
+    from transformers import AutoModelForCausalLM
+
+    from .run_model import load_run_model
+
+    ids = _rows(settings, tokenizer, rows)
+    run_model = load_run_model(settings, adapter)
+    reference, computed = _forward(run_model, ids)
+    del run_model
+    gc.collect()
+    merged_model = AutoModelForCausalLM.from_pretrained(os.fspath(folder), local_files_only=True,
+                                                        trust_remote_code=False).eval()
+    merged, dtype = _forward(merged_model, ids)
+    found = [_figures("merged", dtype, reference, merged, _tolerance(computed, dtype), VERIFY_AGREEMENT)]
+    del merged_model
+    gc.collect()
+    if gguf is not None and _has_llama_cpp():
+        tolerance = _tolerance(computed, GGUF_DTYPE_NAMES.get(gguf_dtype, gguf_dtype))
+        found.append(_figures("gguf", gguf_dtype, reference, _gguf_logits(Path(gguf), ids), tolerance,
+                              VERIFY_AGREEMENT if tolerance is not None else None))
+    return found
+
+
+def _has_llama_cpp() -> bool:
+    try:
+        import llama_cpp  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def check_figures(figures: list[VerifyFigures]) -> None:
+    """Raise `VerifyError` naming every figure past its tolerance.
+
+    Raises:
+        VerifyError: the exported model does not compute what the run trained.
+    """
+    failures = [f"{f.model}: {failure}" for f in figures for failure in f.failures]
+    if failures:
+        raise VerifyError("merge --verify: " + "; ".join(failures) + ": the merged model does not compute what the "
+                          "run trained")
