@@ -58,6 +58,7 @@ def _reference(run: Path, folder: Path) -> tuple[float, float]:
     return torch.stack(differences).max().item(), torch.cat(agreements).mean().item()
 
 
+@pytest.mark.slow
 def test_verify_passes_on_a_normal_run_and_the_report_carries_the_figures(finished_run: Path, tmp_path: Path,
                                                                           capsys) -> None:
     from kbitprep.cli import main
@@ -87,6 +88,7 @@ def _tamper(folder: Path) -> None:
     save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
 
 
+@pytest.mark.slow
 def test_a_tampered_merged_weight_fails_naming_the_figure_and_the_tolerance(finished_run: Path,
                                                                            tmp_path: Path) -> None:
     report = merge_run(finished_run, tmp_path / "merged", dtype="fp32")
@@ -102,6 +104,7 @@ def test_a_tampered_merged_weight_fails_naming_the_figure_and_the_tolerance(fini
         check_figures([after])
 
 
+@pytest.mark.slow
 def test_the_command_fails_on_a_bad_merge_with_one_error_line_and_writes_nothing(
         finished_run: Path, tmp_path: Path, capsys, monkeypatch: pytest.MonkeyPatch) -> None:
     from kbitprep.app.export import merge

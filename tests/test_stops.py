@@ -62,6 +62,7 @@ def chat_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return run
 
 
+@pytest.mark.slow
 def test_the_merged_folder_stops_at_the_templates_end_of_turn(chat_run: Path, tmp_path: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
@@ -87,6 +88,7 @@ def test_the_merged_folder_stops_at_the_templates_end_of_turn(chat_run: Path, tm
     assert len(past) > len(stopped) and past[:len(stopped)] == stopped  # the old eos alone runs past the turn
 
 
+@pytest.mark.slow
 def test_merge_gguf_writes_an_ollama_modelfile_beside_the_gguf(chat_run: Path, tmp_path: Path) -> None:
     from kbitprep.app.export.merge import merge_run
 
@@ -216,3 +218,10 @@ def test_an_end_of_turn_of_several_tokens_is_no_eos_id() -> None:
     assert len(tokenizer("### End", add_special_tokens=False)["input_ids"]) > 1
     assert end_of_turn_ids(tokenizer) == []
     assert end_of_turn_ids(_tokenizer(None)) == [END]
+
+
+def test_the_end_of_turn_of_a_template_that_takes_one_exchange_only() -> None:
+    """Phi-3 adds </s> at the end of a conversation; a template refusing a second user turn keeps it."""
+    assert end_of_turn_text(_tokenizer(PHI3)) == "<|end|>"
+    one_exchange = "{% if messages|length > 2 %}{{ raise_exception('one exchange only') }}{% endif %}" + PHI3
+    assert end_of_turn_text(_tokenizer(one_exchange)) == "<|end|>\n</s>"

@@ -45,8 +45,9 @@ def end_of_turn_text(tokenizer: Any) -> str | None:
         return None
     marker = "\x00kbitprep\x00"
     turns = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": marker}]
-    last, followed = (tokenizer.apply_chat_template(messages, tokenize=False)
-                      for messages in (turns, [*turns, {"role": "user", "content": "more"}]))
+    last = tokenizer.apply_chat_template(turns, tokenize=False)
+    # A template that refuses a user turn after the reply: the ending of the last turn alone.
+    followed = _rendering(tokenizer, [*turns, {"role": "user", "content": "more"}], opened=False) or last
     if marker not in last or marker not in followed:
         return ""
     last, followed = last.split(marker, 1)[1], followed.split(marker, 1)[1]
@@ -177,10 +178,10 @@ _PROBE = [{"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "co
 _SYSTEM = {"role": "system", "content": "Answer briefly."}
 
 
-def _rendering(tokenizer: Any, messages: list[dict[str, str]]) -> str | None:
-    """The Jinja rendering of `messages`, the reply opened and a leading bos removed; None if refused."""
+def _rendering(tokenizer: Any, messages: list[dict[str, str]], *, opened: bool = True) -> str | None:
+    """The Jinja rendering of `messages`, the reply opened (`opened`) and a leading bos removed; None if refused."""
     try:
-        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=opened, tokenize=False)
     except Exception:  # noqa: BLE001 - a template may raise anything (raise_exception) for a conversation it refuses
         return None
     bos = getattr(tokenizer, "bos_token", None)
