@@ -6,7 +6,9 @@
   figures equal a comparison computed here from the run's model and the written folder.
 - A tampered merged weight fails, naming the figure and the tolerance; through the command
   it is one `error:` line and nothing is written.
-- The run's data gone: a clear error naming the file and the fix.
+- The run's data gone: a clear error naming the file and the fix. A GGUF that llama.cpp
+  cannot load fails naming llama.cpp, where llama-cpp-python is installed; where it is not,
+  the GGUF is not compared and the folder's figures stand alone.
 """
 
 from __future__ import annotations
@@ -67,7 +69,7 @@ def test_verify_passes_on_a_normal_run_and_the_report_carries_the_figures(finish
     assert main(["merge", str(finished_run), "--output", str(output), "--verify"]) == 0
     out = capsys.readouterr().out
     recorded = json.loads((output / MERGE_RECORD).read_text())["verify"]
-    assert len(recorded) == 1  # no llama-cpp-python here: the folder alone
+    assert len(recorded) == 1  # no --gguf: the folder alone
     figures = recorded[0]
     assert figures["model"] == "merged" and figures["dtype"] == "bfloat16" and figures["passed"]
     assert figures["rows"] == 4 and figures["positions"] > 40
@@ -132,3 +134,19 @@ def test_verify_without_the_runs_data_names_the_file(finished_run: Path, tmp_pat
     settings = {**run.settings, "data": str(tmp_path / "moved.jsonl")}
     with pytest.raises(VerifyError, match=r"moved\.jsonl: --verify compares on rows of the run.s data"):
         verify_merged(settings, run.adapter, run_tokenizer(run), tmp_path)
+
+
+@pytest.mark.slow
+def test_a_gguf_llama_cpp_cannot_load_fails_where_llama_cpp_is_installed(finished_run: Path, tmp_path: Path) -> None:
+    import importlib.util
+
+    run = read_finished_run(finished_run)
+    merge_run(finished_run, tmp_path / "merged", dtype="fp32")
+    damaged = tmp_path / "merged" / "model.gguf"
+    damaged.write_bytes(b"GGUF" + b"\x00" * 60)  # a header and nothing more
+    if importlib.util.find_spec("llama_cpp") is None:
+        figures = verify_merged(run.settings, run.adapter, run_tokenizer(run), tmp_path / "merged", gguf=damaged)
+        assert [f.model for f in figures] == ["merged"]
+        return
+    with pytest.raises(VerifyError, match=r"gguf: llama\.cpp cannot load model\.gguf \(ValueError: .*would not run"):
+        verify_merged(run.settings, run.adapter, run_tokenizer(run), tmp_path / "merged", gguf=damaged)

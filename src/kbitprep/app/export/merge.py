@@ -398,13 +398,12 @@ def merge_run(run_dir: str | os.PathLike[str], output: str | os.PathLike[str], *
             from .verify import VerifyError, check_figures, verify_merged
 
             del model  # the comparison loads the run's model and the written folder, one at a time
-            figures = verify_merged(run.settings, run.adapter, tokenizer, staging,
-                                    gguf=staging / GGUF_FILE if gguf else None, gguf_dtype=gguf_dtype)
             try:
+                figures = verify_merged(run.settings, run.adapter, tokenizer, staging,
+                                        gguf=staging / GGUF_FILE if gguf else None, gguf_dtype=gguf_dtype)
                 check_figures(figures)
             except VerifyError as error:
-                raise VerifyError(f"{error}; nothing was written to {output}. Merge without --verify to keep and "
-                                  "inspect the folder") from None
+                raise VerifyError(f"{error}; nothing was written to {output}") from None
             report = dataclasses.replace(report, verify=tuple(f.to_dict() for f in figures))
         report = dataclasses.replace(report, seconds=time.perf_counter() - started)
         (staging / MERGE_RECORD).write_text(json.dumps(report.to_dict(), indent=2) + "\n", encoding="utf-8")

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ...errors import KbitPrepError
+from ..model.loading import error_summary
 
 if TYPE_CHECKING:
     import torch
@@ -145,8 +146,13 @@ def _gguf_logits(path: Path, rows: list[list[int]]) -> list[torch.Tensor]:
     import torch
     from llama_cpp import Llama
 
-    llm = Llama(model_path=os.fspath(path), n_ctx=max(len(ids) for ids in rows) + 8, logits_all=True,
-                verbose=False, n_threads=max(1, (os.cpu_count() or 2) // 2))
+    try:
+        llm = Llama(model_path=os.fspath(path), n_ctx=max(len(ids) for ids in rows) + 8, logits_all=True,
+                    verbose=False, n_threads=max(1, (os.cpu_count() or 2) // 2))
+    except ValueError as error:  # llama-cpp-python's only word for "llama.cpp refused the file"
+        raise VerifyError(f"merge --verify: gguf: llama.cpp cannot load {path.name} ({error_summary(error)}); the "
+                          "GGUF file would not run in llama.cpp or Ollama (merge without --verify to keep it and see "
+                          "llama.cpp's log: llama_cpp.Llama(model_path, verbose=True))") from None
     found = []
     for ids in rows:
         llm.reset()
@@ -230,4 +236,4 @@ def check_figures(figures: list[VerifyFigures]) -> None:
     failures = [f"{f.model}: {failure}" for f in figures for failure in f.failures]
     if failures:
         raise VerifyError("merge --verify: " + "; ".join(failures) + ": the merged model does not compute what the "
-                          "run trained")
+                          "run trained (merge without --verify to keep the folder and inspect it)")
