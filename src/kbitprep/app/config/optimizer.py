@@ -11,6 +11,10 @@ The Trainer path passes the name to `TrainingArguments(optim=...)`; the sharded 
 step its 8-bit optimizers where the run trains is checked before a run starts
 (`steps_here`), so that a machine where it cannot refuses the option instead of failing
 at the first step.
+
+LoRA+ (`--loraplus-lr-ratio R`) is peft's `create_loraplus_optimizer`: the same optimizer,
+with B (and DoRA's magnitudes) in a parameter group at R times the learning rate. Both
+paths build it through `loraplus_optimizer`.
 """
 
 from __future__ import annotations
@@ -21,8 +25,8 @@ from typing import Any
 
 from ...errors import KbitPrepError
 
-__all__ = ["BNB_OPTIMIZERS", "OPTIM_CHOICES", "OPTIM_RULE", "OptimizerUnavailableError", "make_optimizer",
-           "steps_here", "why_not_here"]
+__all__ = ["BNB_OPTIMIZERS", "OPTIM_CHOICES", "OPTIM_RULE", "OptimizerUnavailableError", "loraplus_optimizer",
+           "make_optimizer", "steps_here", "why_not_here"]
 
 # The Trainer's `optim` names kbitprep offers; the first is the default.
 OPTIM_CHOICES = ("adamw_torch", "adamw_bnb_8bit", "paged_adamw_8bit")
@@ -38,13 +42,14 @@ class OptimizerUnavailableError(KbitPrepError, RuntimeError):
     """The optimizer `--optim` names cannot step on this machine; the message says why and names the fix."""
 
 
-def make_optimizer(parameters: Iterable[Any], settings: Any) -> Any:
+def make_optimizer(parameters: Iterable[Any], settings: Any, *, model: Any = None) -> Any:
     """The optimizer `settings.optim` names over `parameters`, as the Trainer builds it.
 
     Args:
         parameters (Iterable[torch.nn.Parameter]): the trainable parameters.
         settings (Any): the run's settings (`FinetuneSettings`): `optim` and `lr`; a settings object
-            without `optim` gets the default, adamw_torch.
+            without `optim` gets the default, adamw_torch. With `loraplus_lr_ratio` set, `model` is needed.
+        model (Any): the PeftModel `parameters` belong to, for LoRA+'s groups by name. Default: None
 
     Returns:
         torch.optim.Optimizer: AdamW (torch) or bitsandbytes' AdamW8bit / PagedAdamW8bit.
@@ -57,14 +62,41 @@ def make_optimizer(parameters: Iterable[Any], settings: Any) -> Any:
     name = getattr(settings, "optim", OPTIM_CHOICES[0])
     params = list(parameters)
     if name not in BNB_OPTIMIZERS:
-        return torch.optim.AdamW(params, lr=settings.lr, betas=BETAS, eps=EPS, weight_decay=WEIGHT_DECAY)
-    problem = why_not_here(name, _run_device())
-    if problem is not None:
-        raise OptimizerUnavailableError(f"--optim {name}: {problem}; pass --optim adamw_torch")
-    import bitsandbytes as bnb
+        optimizer_cls: Any = torch.optim.AdamW
+    else:
+        problem = why_not_here(name, _run_device())
+        if problem is not None:
+            raise OptimizerUnavailableError(f"--optim {name}: {problem}; pass --optim adamw_torch")
+        import bitsandbytes as bnb
 
-    return getattr(bnb.optim, BNB_OPTIMIZERS[name])(params, lr=settings.lr, betas=BETAS, eps=EPS,
-                                                    weight_decay=WEIGHT_DECAY)
+        optimizer_cls = getattr(bnb.optim, BNB_OPTIMIZERS[name])
+    kwargs = {"betas": BETAS, "eps": EPS, "weight_decay": WEIGHT_DECAY}
+    ratio = getattr(settings, "loraplus_lr_ratio", None)
+    if ratio is not None:
+        if model is None:
+            raise TypeError("make_optimizer: LoRA+ groups the parameters by name; pass model=")
+        return loraplus_optimizer(model, optimizer_cls, {**kwargs, "lr": settings.lr}, ratio)
+    return optimizer_cls(params, lr=settings.lr, **kwargs)
+
+
+def loraplus_optimizer(model: Any, optimizer_cls: type, kwargs: dict[str, Any], ratio: float) -> Any:
+    """peft's LoRA+ optimizer: `optimizer_cls(**kwargs)` with B and the magnitudes at `ratio` times `kwargs["lr"]`.
+
+    Args:
+        model (Any): the PeftModel; its trainable parameters are grouped by name.
+        optimizer_cls (type): the optimizer class (torch's AdamW or a bitsandbytes one).
+        kwargs (dict[str, Any]): the optimizer's arguments, the learning rate `lr` among them.
+        ratio (float): B's learning rate over A's.
+
+    Returns:
+        torch.optim.Optimizer: one optimizer, A in a group at `lr`, B at `lr * ratio`.
+    """
+    from peft.optimizers import create_loraplus_optimizer
+
+    rest = {key: value for key, value in kwargs.items() if key not in ("lr", "weight_decay")}
+    # weight_decay is peft's loraplus_weight_decay: it sets each group's own
+    return create_loraplus_optimizer(model, optimizer_cls, lr=kwargs["lr"], loraplus_lr_ratio=ratio,
+                                     loraplus_weight_decay=kwargs.get("weight_decay", 0.0), **rest)
 
 
 def _run_device() -> str:

@@ -31,6 +31,7 @@ from ...loss import LOSS_CHOICES
 from ...plan import UPCAST_POLICIES
 from ...sizing import QUANTIZE_AUTO, QUANTIZE_CHOICES
 from ..data.formats import DATA_FORMAT_CHOICES
+from ..model.lora import INIT_METHODS, LORA_VARIANTS
 from .optimizer import OPTIM_CHOICES, OPTIM_RULE, steps_here
 from .schedule import SCHEDULE_CHOICES
 
@@ -91,6 +92,12 @@ class ShardedLimit:
 SHARDED_LIMITS = (
     ShardedLimit("quantize", ("int8",), "shard", "FSDP cuts weights into rows, which int8 quantization state does not "
                  "survive", "pass --quantize nf4"),
+    ShardedLimit("lora_variant", ("dora",), "train", "DoRA's weight norm needs each adapted layer's whole weight, "
+                 "which FSDP holds in shards", "pass --lora-variant lora"),
+    ShardedLimit("init_lora_weights", tuple(name for name, method in INIT_METHODS.items()
+                                            if method.rewrites_base or method.loftq), "initialise with",
+                 "it reads or rewrites each adapted layer's whole base weight, which FSDP holds in shards",
+                 "pass --init-lora-weights default"),
 )
 
 
@@ -201,6 +208,18 @@ class FinetuneSettings:
         None, help="comma-separated module names to adapt", bound=_MODULE_NAMES, metavar="NAMES", group=_MODEL,
         resume=True, default_text="all linear layers but the output head",
         report=lambda names: list(names) if names else "all-linear")
+    lora_variant: str = setting("lora", help="the adapter: 'lora', or 'dora' (peft's DoRA: a trained magnitude per "
+                                "output row on top of LoRA's direction)", choices=tuple(LORA_VARIANTS), group=_MODEL,
+                                resume=True)
+    rslora: bool = setting(False, help="rank-stabilised LoRA (peft's use_rslora): scale the update by alpha / sqrt(r) "
+                           "instead of alpha / r", group=_MODEL, resume=True)
+    init_lora_weights: str = setting("default", help="how peft initialises the adapter; 'pissa' and 'olora' also "
+                                     "rewrite the adapted base weights (peft refuses PiSSA on a 4-bit base), "
+                                     "'loftq' fits A and B to the 4-bit quantization error (peft computes it on "
+                                     "CUDA only)", choices=tuple(INIT_METHODS), group=_MODEL, resume=True)
+    loraplus_lr_ratio: float | None = setting(None, help="LoRA+ (peft's create_loraplus_optimizer): train B (and "
+                                              "DoRA's magnitudes) at this multiple of --lr", bound=POSITIVE,
+                                              metavar="R", group=_TRAINING, resume=True, default_text="off")
     lr: float = setting(2e-4, help="peak learning rate", bound=POSITIVE, group=_TRAINING, resume=True)
     optim: str = setting(OPTIM_CHOICES[0], help="the optimizer, by the Trainer's names: torch's AdamW, or "
                          "bitsandbytes' 8-bit AdamW, paged or not", choices=OPTIM_CHOICES,

@@ -3,6 +3,7 @@
     run folder ──> base loaded exactly as the run loaded it (same quantization)
         ──> each quantized layer dequantized (the weights the adapter was trained against)
         ──> W + scale * B @ A per adapted layer, in float32, cast once to the output dtype
+            (DoRA: that sum rescaled row by row to the trained magnitude, m * V / ||V||)
         ──> model folder (safetensors, config without quantization, tokenizer, generation
             config stopping at the chat template's end of turn), staged beside the output
             and renamed into place; with --gguf, model.gguf and an Ollama Modelfile
@@ -13,6 +14,13 @@ Why dequantize rather than reuse the original 16-bit weights: the adapter learne
 correct the 4-bit weights, not the 16-bit ones. Merging onto the originals adds that
 correction to weights it was never trained with (unsloth-zoo PR #810 had to fix exactly
 this). The merged folder needs neither peft nor bitsandbytes to load.
+
+An adapter initialised by a method that rewrites the base (`--init-lora-weights olora`,
+`pissa`) trained against the rewritten weights: W - scale * B0 @ A0, requantized on a
+4-bit base. Merge lets peft rewrite the loaded base again, as it does when it loads the
+adapter (`PeftModel.from_pretrained`), and merges onto that residual. The adapter is saved
+as trained, not converted to the original base: with a 4-bit base a conversion would be
+off by the requantization of the residual.
 
 The merge arithmetic is done here, layer by layer, so the float32 copy of only one
 layer exists at a time; peft's own `merge_and_unload` is the reference the tests compare
@@ -37,6 +45,7 @@ from typing import TYPE_CHECKING, Any
 from ...device import has_accelerator
 from ...errors import KbitPrepError
 from ..model.loading import ModelFolderError, check_model_folder, load_quantized_model, load_tokenizer
+from ..model.lora import INIT_METHODS
 from ..runs.folder import ADAPTER_DIR, INCOMPLETE, REPORT, RunFolder
 from .stops import MODELFILE, ollama_modelfile, stopping_generation_config
 
@@ -44,14 +53,14 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
-__all__ = ["MERGE_DTYPES", "MERGE_RECORD", "MergeError", "MergeReport", "dequantize_layers", "merge_run",
-           "read_finished_run", "run_tokenizer"]
+__all__ = ["MERGE_DTYPES", "MERGE_RECORD", "MergeError", "MergeReport", "adapter_magnitudes", "adapter_updates",
+           "dequantize_layers", "merge_adapter", "merge_run", "read_finished_run", "rewritten_base", "run_tokenizer"]
 
 # --dtype value -> torch dtype name; None in the CLI means "the model's own dtype".
 MERGE_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 MERGE_RECORD = "kbitprep-merge.json"  # provenance written into the merged folder
-_ADAPTER_KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<part>A|B|embedding_A|embedding_B)"
-                          r"(?:\.default)?(?:\.weight)?$")
+_ADAPTER_KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_"
+                          r"(?P<part>A|B|embedding_A|embedding_B|magnitude_vector)(?:\.default)?(?:\.weight)?$")
 
 
 class MergeError(KbitPrepError, RuntimeError):
@@ -233,7 +242,7 @@ def dequantize_layers(model: nn.Module) -> int:
 
 def _adapter_config(adapter: Path) -> dict[str, Any]:
     config = json.loads((adapter / "adapter_config.json").read_text(encoding="utf-8"))
-    unsupported = [key for key in ("use_dora", "rank_pattern", "alpha_pattern", "lora_bias", "modules_to_save")
+    unsupported = [key for key in ("rank_pattern", "alpha_pattern", "lora_bias", "modules_to_save")
                    if config.get(key)]
     if config.get("peft_type", "LORA") != "LORA" or unsupported:
         raise MergeError(f"{adapter}: an adapter kbitprep did not write ({config.get('peft_type')}, "
@@ -247,16 +256,8 @@ def adapter_updates(adapter: Path) -> Iterator[tuple[str, torch.Tensor, bool]]:
 
     Embeddings, and Conv1D layers (`fan_in_fan_out`), store their weight as (in, out).
     """
-    from safetensors.torch import load_file
-
     config = _adapter_config(adapter)
-    parts: dict[str, dict[str, torch.Tensor]] = {}
-    for key, tensor in load_file(adapter / "adapter_model.safetensors").items():
-        match = _ADAPTER_KEY.match(key)
-        if match is None:
-            raise MergeError(f"{adapter}: unexpected tensor {key!r}; merge only knows plain LoRA adapters")
-        parts.setdefault(match["module"], {})[match["part"]] = tensor
-    for module, tensors in sorted(parts.items()):
+    for module, tensors in sorted(_adapter_parts(adapter).items()):
         embedding = "embedding_A" in tensors
         a, b = (tensors["embedding_A"], tensors["embedding_B"]) if embedding else (tensors["A"], tensors["B"])
         rank = a.shape[0]
@@ -264,10 +265,56 @@ def adapter_updates(adapter: Path) -> Iterator[tuple[str, torch.Tensor, bool]]:
         yield module, scale * (b.float() @ a.float()), embedding or bool(config.get("fan_in_fan_out"))
 
 
+def _adapter_parts(adapter: Path) -> dict[str, dict[str, torch.Tensor]]:
+    """The adapter's tensors by module and part ("A", "B", "magnitude_vector", ...)."""
+    from safetensors.torch import load_file
+
+    parts: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in load_file(adapter / "adapter_model.safetensors").items():
+        match = _ADAPTER_KEY.match(key)
+        if match is None:
+            raise MergeError(f"{adapter}: unexpected tensor {key!r}; merge only knows LoRA and DoRA adapters")
+        parts.setdefault(match["module"], {})[match["part"]] = tensor
+    return parts
+
+
+def adapter_magnitudes(adapter: Path) -> dict[str, torch.Tensor]:
+    """DoRA's trained magnitude per output row, float32, by module name; empty for a LoRA adapter."""
+    _adapter_config(adapter)
+    return {module: tensors["magnitude_vector"].float() for module, tensors in _adapter_parts(adapter).items()
+            if "magnitude_vector" in tensors}
+
+
+def rewritten_base(model: nn.Module, adapter: Path) -> nn.Module:
+    """The base the adapter trained against: `model` itself, or, for an initialisation that rewrites the
+    base weights (`INIT_METHODS`' rewrites_base), the residual peft leaves when it loads the adapter.
+
+    Args:
+        model (nn.Module): the base, loaded as the run loaded it (still quantized).
+        adapter (Path): the run's adapter folder.
+    """
+    init = _adapter_config(adapter).get("init_lora_weights", True)
+    if init not in {method.peft for method in INIT_METHODS.values() if method.rewrites_base}:
+        return model
+    import warnings
+
+    from peft import PeftModel
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        # peft runs the initialisation again (the weights are the same, so is its result), then loads A and B
+        return PeftModel.from_pretrained(model, adapter).unload()
+
+
 def merge_adapter(model: nn.Module, adapter: Path, dtype: torch.dtype) -> int:
-    """Add each adapter update to its layer's weight in float32, store the sum in `dtype`; returns the count."""
+    """Add each adapter update to its layer's weight in float32, store the sum in `dtype`; returns the count.
+
+    A DoRA layer's sum V is then scaled row by row to its magnitude, m * V / ||V|| (the norm over
+    each output's inputs, as peft's DoRA computes it).
+    """
     from torch import nn as torch_nn
 
+    magnitudes = adapter_magnitudes(adapter)
     merged = 0
     for name, update, transposed in adapter_updates(adapter):
         try:
@@ -281,6 +328,10 @@ def merge_adapter(model: nn.Module, adapter: Path, dtype: torch.dtype) -> int:
             raise MergeError(f"{adapter}: the update of {name!r} is {tuple(update.shape)} but the layer's weight "
                              f"is {tuple(current.shape)}; was the base model folder changed after the run?")
         weight = current.data.float() + update.to(current.device)
+        if name in magnitudes:
+            logical = weight.T if transposed else weight  # (out, in)
+            scale = magnitudes[name].to(weight.device) / logical.norm(dim=1)
+            weight = (logical * scale[:, None]).T if transposed else logical * scale[:, None]
         layer.weight = torch_nn.Parameter(weight.to(dtype), requires_grad=False)
         merged += 1
     return merged
@@ -374,7 +425,8 @@ def merge_run(run_dir: str | os.PathLike[str], output: str | os.PathLike[str], *
             raise GgufError(f"--gguf-dtype must be one of {', '.join(GGUF_DTYPES)}, not {gguf_dtype!r}")
         gguf_architecture(check_model_folder(run.model))  # an unsupported one costs no load
     tokenizer = run_tokenizer(run)
-    model: Any = load_quantized_model(run.model, run.settings["quantize"], device_index=_device_index())
+    model: Any = rewritten_base(load_quantized_model(run.model, run.settings["quantize"],
+                                                     device_index=_device_index()), run.adapter)
     dequantized = dequantize_layers(model)
     merged = merge_adapter(model, run.adapter, target)
     model.to(target)

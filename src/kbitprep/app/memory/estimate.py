@@ -102,6 +102,9 @@ class MemorySettings:
         lora_dropout (float): dropout on the LoRA input (it keeps a mask per adapted layer). Default: finetune's
         target_modules (tuple[str, ...] | None): adapted layers; None: every linear layer but the head.
             Default: finetune's (None)
+        lora_variant (str): "lora" or "dora": DoRA adds a trained magnitude per output row (its parameters,
+            gradients and optimizer state) and, in every step, each adapted layer's dequantized weight and its
+            norm (the simulated step's own forward). Default: finetune's
         batch_size (int): sequences per step. Default: finetune's
         seq_len (int): tokens per sequence (every sequence full length, every token trained). Default: finetune's
         compute_dtype (str): the dtype quantized layers compute in, "auto" (the model's where the device
@@ -119,6 +122,7 @@ class MemorySettings:
     lora_alpha: float = _run_default("lora_alpha")
     lora_dropout: float = _run_default("lora_dropout")
     target_modules: tuple[str, ...] | None = _run_default("target_modules")
+    lora_variant: str = _run_default("lora_variant", "lora")
     batch_size: int = _run_default("batch_size")
     seq_len: int = _run_default("seq_len")
     compute_dtype: str = _run_default("compute_dtype", "auto")
@@ -131,6 +135,7 @@ class MemorySettings:
         """Raise `MemoryModelError` naming the first setting that is out of range."""
         from ...plan import UPCAST_POLICIES
         from ...sizing import QUANTIZE_AUTO, QUANTIZE_CHOICES
+        from ..model.lora import LORA_VARIANTS
 
         quantize_choices = (QUANTIZE_AUTO, *QUANTIZE_CHOICES)  # auto: as the config is saved quantized, else nf4
         rules = [
@@ -138,6 +143,7 @@ class MemorySettings:
             (self.upcast in UPCAST_POLICIES, f"upcast must be one of {', '.join(UPCAST_POLICIES)}"),
             (self.lora_r >= 1, "lora_r must be at least 1"),
             (0 <= self.lora_dropout < 1, "lora_dropout must be in [0, 1)"),
+            (self.lora_variant in LORA_VARIANTS, f"lora_variant must be one of {', '.join(LORA_VARIANTS)}"),
             (self.batch_size >= 1, "batch_size must be at least 1"),
             (self.seq_len >= 2, "seq_len must be at least 2"),
             (self.loss in LOSSES, f"loss must be one of {', '.join(LOSSES)}"),
@@ -321,7 +327,8 @@ class TrainingSkeleton:
             "quantization state": "their block scales and code tables",
             "frozen weights": "embeddings, head, norms, buffers as stored",
             "fp32 casts": f"held in float32 by --upcast {self.settings.upcast}",
-            "LoRA parameters": f"rank-{self.settings.lora_r} adapters, float32",
+            "LoRA parameters": f"rank-{self.settings.lora_r} adapters"
+                               + (", DoRA magnitudes" if self.settings.lora_variant == "dora" else "") + ", float32",
         }
         order = ("quantized weights", "quantization state", "frozen weights", "fp32 casts", "LoRA parameters")
         parts = [MemoryComponent(name, sizes[name], details[name]) for name in order]

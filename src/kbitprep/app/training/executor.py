@@ -152,7 +152,8 @@ class TrainerExecutor(Executor):
 
         trainer = FinetuneTrainer(model=model, args=session.args, train_dataset=inputs.train_data,
                                   data_collator=CausalLMCollator(inputs.pad_token_id),
-                                  callbacks=[HookCallback(hooks)], loss_mode=inputs.settings.loss)
+                                  callbacks=[HookCallback(hooks)], loss_mode=inputs.settings.loss,
+                                  loraplus_lr_ratio=inputs.settings.loraplus_lr_ratio)
         resume_from = session.resume_from
         if resume_from is not None and training_done(resume_from):
             session.observer.on_message(f"{resume_from.name} is the run's last step: nothing left to train")

@@ -95,7 +95,8 @@ class ShardedTraining:
             if isinstance(module, FSDPModule):
                 module.set_gradient_divide_factor(1.0)  # the loss is already divided by the global token count
                 module.set_force_sum_reduction_for_comms(True)  # a plain sum, which gloo has (no PREMUL_SUM)
-        self.optimizer = make_optimizer([p for p in self.model.parameters() if p.requires_grad], self.settings)
+        self.optimizer = make_optimizer([p for p in self.model.parameters() if p.requires_grad], self.settings,
+                                        model=self.model)
         self.scheduler = schedule(self.optimizer, self.settings, self.total_steps)
 
     @property

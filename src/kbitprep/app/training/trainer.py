@@ -59,10 +59,24 @@ class FinetuneTrainer(ChunkedLossMixin, Trainer):
     or "full", the run's `--loss`), its example order the sharded loop's (`order.SeededOrder`).
     Progress goes to the run's observer, not to stdout."""
 
-    def __init__(self, *args: Any, loss_mode: str = "chunked", **kwargs: Any) -> None:
+    def __init__(self, *args: Any, loss_mode: str = "chunked", loraplus_lr_ratio: float | None = None,
+                 **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.loss_mode = loss_mode
+        self.loraplus_lr_ratio = loraplus_lr_ratio
         self.remove_callback(PrinterCallback)  # it prints every log dict; the observer shows progress instead
+
+    def create_optimizer(self, model: Any = None) -> Any:
+        """The Trainer's optimizer for `--optim`; with `--loraplus-lr-ratio`, peft's LoRA+ grouping of it."""
+        if self.loraplus_lr_ratio is None or self.optimizer is not None:
+            return super().create_optimizer(model)
+        from ..config.optimizer import loraplus_optimizer
+
+        optimizer_cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(self.args)
+        kwargs = {**kwargs, "weight_decay": self.args.weight_decay}
+        self.optimizer = loraplus_optimizer(self.model if model is None else model, optimizer_cls, kwargs,
+                                            self.loraplus_lr_ratio)
+        return self.optimizer
 
     def _get_train_sampler(self, *args: Any, **kwargs: Any) -> Any:
         dataset: Any = (args[0] if args else kwargs.get("train_dataset")) or self.train_dataset
