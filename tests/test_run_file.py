@@ -48,6 +48,7 @@ FILE_VALUES = {
     "chat_template": "t.jinja", "data_format": "alpaca", "pack": True, "eval_data": None, "eval_fraction": 0.2,
     "eval_steps": 3, "report_to": "tensorboard", "optim": "adamw_bnb_8bit",
 }
+FILE_VALUES |= {"lora_variant": "dora", "rslora": True, "init_lora_weights": "olora", "loraplus_lr_ratio": 16.0}
 
 
 def test_every_setting_can_be_given_in_a_file_and_a_written_file_reads_back(tmp_path: Path) -> None:

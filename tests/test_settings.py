@@ -40,6 +40,9 @@ BAD_VALUES = {
     "lr_scheduler": ("step", "step"), "warmup_ratio": (1.0, "1"), "warmup_steps": (-1, "-1"),
     "data_format": ("xml", "xml"), "report_to": ("wandb", "wandb"), "optim": ("sgd", "sgd"),
 }
+# the adapter variants
+BAD_VALUES |= {"lora_variant": ("vera", "vera"), "init_lora_weights": ("eva", "eva"),
+               "loraplus_lr_ratio": (0.0, "0")}
 
 
 def finetune_parser() -> argparse.ArgumentParser:
@@ -88,6 +91,7 @@ def test_every_cli_option_parses_a_non_default_value_into_the_settings() -> None
             "--chat-template", "chat.jinja", "--pack", "--eval-fraction", "0.1", "--eval-steps", "5",
             "--lr-scheduler", "cosine", "--warmup-ratio", "0.1", "--data-format", "alpaca",
             "--report-to", "tensorboard", "--optim", "adamw_bnb_8bit"]
+    argv += ["--lora-variant", "dora", "--rslora", "--init-lora-weights", "olora", "--loraplus-lr-ratio", "16"]
     parsed = FinetuneSettings.from_args(finetune_parser().parse_args(argv))
     expected = FinetuneSettings("models/tiny", "train.jsonl", "runs/tiny", quantize="int8", upcast="all",
                                 compute_dtype="float32", lora_r=4, lora_alpha=8.0, lora_dropout=0.0,
@@ -96,6 +100,8 @@ def test_every_cli_option_parses_a_non_default_value_into_the_settings() -> None
                                 samples=("a", "b c"), chat_template="chat.jinja", pack=True, eval_fraction=0.1,
                                 eval_steps=5, lr_scheduler="cosine", warmup_ratio=0.1, data_format="alpaca",
                                 report_to="tensorboard", optim="adamw_bnb_8bit")
+    expected = dataclasses.replace(expected, lora_variant="dora", rslora=True, init_lora_weights="olora",
+                                   loraplus_lr_ratio=16.0)
     assert parsed == expected
     changed = {f.name for f in dataclasses.fields(FinetuneSettings)
                if getattr(parsed, f.name) != getattr(FinetuneSettings("m", "d", "o"), f.name)}
@@ -142,6 +148,7 @@ OTHER_VALUES = {
     "compute_dtype": "float32", "lr_scheduler": "cosine", "warmup_ratio": 0.1, "warmup_steps": 5,
     "data_format": "alpaca", "report_to": "tensorboard", "optim": "adamw_bnb_8bit",
 }
+OTHER_VALUES |= {"lora_variant": "dora", "rslora": True, "init_lora_weights": "olora", "loraplus_lr_ratio": 16.0}
 
 
 def test_settings_that_exclude_each_other_are_refused_together_by_the_library_too() -> None:
