@@ -279,6 +279,7 @@ def test_inspect_memory_takes_the_variant(tmp_path: Path, capsys) -> None:
 # --- a run, end to end ---------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_a_run_records_the_variants_and_its_merge_computes_what_it_trained(tiny: Path, tmp_path: Path,
                                                                           single_thread) -> None:
     """All four at once (each is tested alone above): DoRA on an OLoRA-rewritten 4-bit base, rsLoRA, LoRA+."""
