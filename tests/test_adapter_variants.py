@@ -302,3 +302,15 @@ def test_a_run_records_the_variants_and_its_merge_computes_what_it_trained(tiny:
     merged = _logits(AutoModelForCausalLM.from_pretrained(tmp_path / "merged"), _IDS)
     # Every adapted layer was requantized by OLoRA from float32: the run's model computes in float32 throughout.
     assert (merged - reference).abs().max().item() <= 1e-5 * reference.abs().max().item()
+
+
+def test_finetune_refuses_an_initialisation_peft_refuses_in_one_line_and_writes_nothing(tiny: Path, tmp_path: Path,
+                                                                                         capsys) -> None:
+    from kbitprep.app.demo import DEMO_DATA
+    from kbitprep.cli import main
+
+    code = main(["finetune", str(tiny), str(DEMO_DATA), "--output", str(tmp_path / "run"), "--init-lora-weights",
+                 "pissa", "--max-steps", "1"])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert code != 0 and lines[-1].startswith("kbitprep: error: --init-lora-weights pissa: peft cannot initialise")
+    assert "Traceback" not in "\n".join(lines) and not (tmp_path / "run").exists()
