@@ -1,4 +1,4 @@
-"""The `kbitprep` command: `inspect`, `finetune`, `demo`, `merge` and `generate`, each a thin layer over the library.
+"""The `kbitprep` command: `inspect`, `preview`, `finetune`, `demo`, `merge`, `generate`: thin layers over the library.
 
 Each command lives in its own module with `add_parser` (its options) and `run` (calls
 the library, then renders the report it returns). `main` wires them together and turns
@@ -16,12 +16,12 @@ from collections.abc import Sequence
 from .. import __version__
 from ..app.distributed.processes import from_main_process, one_of_several
 from ..errors import KbitPrepError
-from . import demo, finetune, generate, inspect, merge
+from . import demo, finetune, generate, inspect, merge, preview
 from .console import make_consoles, quiet_third_party
 
 __all__ = ["build_parser", "main"]
 
-COMMANDS = (inspect, finetune, demo, merge, generate)
+COMMANDS = (inspect, preview, finetune, demo, merge, generate)
 _EXIT_ERROR = 1
 _EXIT_INTERRUPTED = 130
 

@@ -13,19 +13,21 @@ from typing import TYPE_CHECKING, Any
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
+from rich.text import Text
 
 from ..app.model.quiet import without_log_notes
 from ..app.training.observer import FinetuneObserver
 from ..report import format_bytes, format_count
 
 if TYPE_CHECKING:
+    from ..app.data.preview import PreviewReport, PreviewRow
     from ..app.memory.estimate import MemoryReport
     from ..app.model.inspection import InspectReport
     from ..app.runs.report import FinetuneReport
     from ..plan import PreparationPlan
 
 __all__ = ["RichObserver", "make_consoles", "quiet_third_party", "render_finetune_report", "render_inspect_report",
-           "render_memory_report"]
+           "render_memory_report", "render_preview_report"]
 
 
 def make_consoles() -> tuple[Console, Console]:
@@ -240,3 +242,61 @@ def _at_least(value: int, limit: int) -> str:
     if value <= 0:
         return "none"
     return f"at least {value:,}" if value >= limit else f"{value:,}"
+
+
+# Token boundaries show as alternating backgrounds; trained tokens are green, masked ones dim.
+_TOKEN_STYLES = {True: ("bold green on grey15", "bold green on grey30"), False: ("dim on grey11", "dim on grey23")}
+_VISIBLE = str.maketrans({"\n": "\u21b5", "\t": "\u2192", "\r": "\u240d"})
+
+
+def _row_text(row: PreviewRow, *, ids: bool, colour: bool) -> Text:
+    """A row's tokens, each visibly apart: coloured backgrounds, or without colour [trained] and (masked)."""
+    text = Text()
+    for index, token in enumerate(row.tokens):
+        shown = token.text.translate(_VISIBLE) + (f"\u2039{token.id}\u203a" if ids else "")
+        if colour:
+            text.append(shown, style=_TOKEN_STYLES[token.trained][index % 2])
+        else:
+            text.append(f"[{shown}]" if token.trained else f"({shown})")
+        if "\n" in token.text:  # the row's own line breaks, after the token that holds them
+            text.append("\n")
+    text.rstrip()
+    return text
+
+
+def render_preview_report(console: Console, report: PreviewReport, *, ids: bool = False) -> None:
+    """The rows shown, token by token, then the summary of the whole file and what the checks found."""
+    colour = console.color_system is not None
+    legend = "trained tokens green, masked dim" if colour else "[trained] (masked)"
+    console.print(Text.assemble((report.data, "bold"), f"  {report.kind} rows, --seq-len {report.seq_len}"
+                                f"{', --pack' if report.pack else ''}  ", (f"{report.model}; {legend}", "dim")))
+    for row in report.rows:
+        cut = f", cut at {len(row.tokens)} ({row.length - len(row.tokens)} lost)" if row.truncated else ""
+        skipped = ", nothing trained: skipped" if row.dropped else ""
+        console.print(f"\n[bold]line {row.line}[/]  {len(row.tokens)} tokens, {row.trained} trained{cut}{skipped}",
+                      highlight=False)
+        console.print(_row_text(row, ids=ids, colour=colour))
+    summary = report.summary
+    table = Table(title="\nthe whole file", show_header=False, title_justify="left", box=None, padding=(0, 2))
+    table.add_column(style="bold")
+    table.add_column()
+    table.add_row("rows", f"{summary.rows:,} read, {summary.examples:,} trained on")
+    share = 100 * summary.trained_tokens / max(summary.tokens, 1)
+    table.add_row("tokens", f"{summary.tokens:,}, of which {summary.trained_tokens:,} trained ({share:.1f}%)")
+    table.add_row("cut by --seq-len", f"{summary.truncated_rows:,} rows, {summary.tokens_lost:,} tokens lost")
+    untrained = ", ".join(map(str, summary.untrained_rows[:5])) + (", ..." if len(summary.untrained_rows) > 5 else "")
+    table.add_row("nothing trained", f"{len(summary.untrained_rows):,} rows" + (f" (lines {untrained}; skipped)"
+                                                                              if untrained else ""))
+    if summary.packing is not None:
+        packing = summary.packing
+        table.add_row("packing", f"{packing['rows']:,} rows in {packing['packs']:,} sequences, "
+                                 f"{100 * packing['efficiency']:.1f}% of their tokens filled; "
+                                 f"{packing['padding_tokens_saved']:,} padding tokens saved per epoch")
+    console.print(table, highlight=False)
+    for diagnostic in report.checks.diagnostics:
+        console.print(f"{diagnostic.severity} [{diagnostic.code}]: {diagnostic.message}", markup=False,
+                      highlight=False, style="red" if diagnostic.severity == "error" else "yellow")
+    for note in report.checks.notes:
+        console.print(f"note [{note.code}]: {note.message}", markup=False, highlight=False, style="dim")
+    if not report.checks.diagnostics:
+        console.print("template checks: nothing found", style="green", highlight=False)

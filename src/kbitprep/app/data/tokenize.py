@@ -15,7 +15,7 @@ from typing import Any
 from .chat import check_chat_template, tokenize_conversation
 from .rows import IGNORE_INDEX, DataError, Row
 
-__all__ = ["CausalLMCollator", "TokenizedData", "check_token_ids", "tokenize_rows"]
+__all__ = ["CausalLMCollator", "TokenizedData", "character_limit", "check_token_ids", "row_tokens", "tokenize_rows"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,11 +27,15 @@ class TokenizedData:
         truncated (int): rows longer than the sequence length, cut at its end.
         dropped (tuple[int, ...]): line numbers of rows with no trained token left after
             truncation (a prompt that fills the whole sequence).
+        lengths (tuple[int, ...]): each row's token count before the cut, in row order (dropped
+            rows included); a text longer than the character limit (see `character_limit`)
+            counts its first characters only. Default: ()
     """
 
     examples: list[dict[str, list[int]]]
     truncated: int
     dropped: tuple[int, ...]
+    lengths: tuple[int, ...] = ()
 
     def __len__(self) -> int:
         return len(self.examples)
@@ -70,14 +74,11 @@ def tokenize_rows(rows: Sequence[Row], tokenizer: Any, seq_len: int, *, source: 
         raise DataError(f"seq_len must be at least 2, not {seq_len}")
     if any(row.kind == "messages" for row in rows):
         check_chat_template(tokenizer, str(getattr(tokenizer, "name_or_path", "") or "the model"))
-    bos, eos = _special_id(tokenizer, "bos"), _special_id(tokenizer, "eos")
-    limit = _character_limit(tokenizer, seq_len)
-    examples, truncated, dropped = [], 0, []
+    limit = character_limit(tokenizer, seq_len)
+    examples, truncated, dropped, lengths = [], 0, [], []
     for row in rows:
-        if row.kind == "messages":
-            ids, labels = tokenize_conversation(row.messages, tokenizer, f"{source}:{row.line}")
-        else:
-            ids, labels = _plain_tokens(row, tokenizer, bos, eos, limit)
+        ids, labels = row_tokens(row, tokenizer, f"{source}:{row.line}", limit)
+        lengths.append(len(ids))
         truncated += len(ids) > seq_len
         ids, labels = ids[:seq_len], labels[:seq_len]
         # The first position is never a target (nothing comes before it), so it does not count.
@@ -90,10 +91,25 @@ def tokenize_rows(rows: Sequence[Row], tokenizer: Any, seq_len: int, *, source: 
         raise DataError(f"{source}: no row has {what} within --seq-len {seq_len}; "
                         "raise --seq-len or shorten the prompts")
     _check_not_all_unknown(examples, tokenizer, source)
-    return TokenizedData(examples, truncated, tuple(dropped))
+    return TokenizedData(examples, truncated, tuple(dropped), tuple(lengths))
 
 
-def _character_limit(tokenizer: Any, seq_len: int) -> int | None:
+def row_tokens(row: Row, tokenizer: Any, where: str, limit: int | None = None) -> tuple[list[int], list[int]]:
+    """One row's token ids and labels, not yet cut at a sequence length (see `tokenize_rows`).
+
+    Args:
+        row (Row): the row.
+        tokenizer (Any): the model's tokenizer (its chat template renders a `messages` row).
+        where (str): the row's file and line, for messages.
+        limit (int | None): cut a `text`/`prompt` row's texts at this many characters first; None: whole.
+            Default: None
+    """
+    if row.kind == "messages":
+        return tokenize_conversation(row.messages, tokenizer, where)
+    return _plain_tokens(row, tokenizer, _special_id(tokenizer, "bos"), _special_id(tokenizer, "eos"), limit)
+
+
+def character_limit(tokenizer: Any, seq_len: int) -> int | None:
     """How many characters of a text can matter for its first `seq_len` tokens.
 
     No token spans more characters than the longest entry of the vocabulary, so a text

@@ -13,22 +13,25 @@ own loads aside), the tokenizer once (with --chat-template applied), the rows on
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections.abc import Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..config.settings import FinetuneSettings
 from ..data.files import read_data
 from ..data.packing import PackedData, pack_examples
 from ..data.rows import DataError, Row
-from ..data.tokenize import TokenizedData, check_token_ids, tokenize_rows
-from ..model.loading import check_model_folder, load_tokenizer
+from ..data.template_checks import NO_FINDINGS, TemplateChecks, check_rows, probe_template
+from ..data.tokenize import CausalLMCollator, TokenizedData, check_token_ids, tokenize_rows
+from ..model.loading import ModelFolderError, check_model_folder, load_tokenizer
 from .sampling import pad_token_id
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
 
 __all__ = ["RunInputs", "RunRequest", "check_chat_rows", "configured_vocab_size", "evaluation_rows",
-           "read_inputs", "resolve_settings"]
+           "generation_stop_ids", "read_inputs", "resolve_settings"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,6 +77,8 @@ class RunInputs:
         data (TokenizedData): the training rows, tokenized.
         train_data (TokenizedData | PackedData): `data`, packed with --pack.
         eval_data (TokenizedData | None): the evaluation rows, tokenized.
+        checks (TemplateChecks): what the template checks found (`kbitprep.app.data.template_checks`).
+            Default: none found
     """
 
     request: RunRequest
@@ -82,6 +87,7 @@ class RunInputs:
     data: TokenizedData
     train_data: TokenizedData | PackedData
     eval_data: TokenizedData | None
+    checks: TemplateChecks = NO_FINDINGS
 
     @property
     def settings(self) -> FinetuneSettings:
@@ -92,24 +98,42 @@ class RunInputs:
         return pad_token_id(self.tokenizer)
 
 
-def read_inputs(request: RunRequest) -> RunInputs:
-    """The model's config and tokenizer, and the rows tokenized (and packed) as the run trains them.
+def read_inputs(request: RunRequest, *, for_run: bool = True) -> RunInputs:
+    """The model's config and tokenizer, and the rows tokenized (and packed) as the run trains them, checked.
+
+    The template checks (`kbitprep.app.data.template_checks`) run here, before any weight is
+    read: a template that renders no answer is refused at once; the rest is in `checks`.
+
+    Args:
+        request (RunRequest): the settings and rows.
+        for_run (bool): the inputs of a run: the template checks' errors are raised, and what the
+            run's own merge sets right (the generation config's stop token) is a note; False: for
+            `kbitprep preview`, which shows them all. Default: True
 
     Raises:
         ModelFolderError, ChatTemplateError, DataError: the message names the file and the fix.
+        TemplateCheckError: a template check's error (with `for_run`), its `.code` naming the check.
     """
     settings = request.settings
     config = request.config if request.config is not None else check_model_folder(settings.model)
     tokenizer = load_tokenizer(settings.model)
     check_chat_rows(settings, request.rows, tokenizer)
+    end, probed = probe_template(request.rows, tokenizer, settings.data)
     data = tokenize_rows(request.rows, tokenizer, settings.seq_len, source=settings.data)
+    pad = pad_token_id(tokenizer)
+    stops, stops_file = generation_stop_ids(settings.model, config)
+    checks = check_rows(request.rows, data, tokenizer, seq_len=settings.seq_len, end=end,
+                        collator=CausalLMCollator(pad), pad_token_id=pad, generation_stops=stops,
+                        generation_source=stops_file, source=settings.data, merge_writes_stops=for_run, probe=probed)
+    if for_run:
+        checks.raise_errors()
     train_data: TokenizedData | PackedData = data
     if settings.pack:
         train_data = pack_examples(data.examples, settings.seq_len, settings.batch_size)
     source = settings.eval_data or f"{settings.data} (held out)"
     eval_data = tokenize_rows(request.eval_rows, tokenizer, settings.seq_len, source=source) \
         if request.eval_rows else None
-    inputs = RunInputs(request, config, tokenizer, data, train_data, eval_data)
+    inputs = RunInputs(request, config, tokenizer, data, train_data, eval_data, checks)
     vocab_size = configured_vocab_size(config)
     if vocab_size is not None:  # before loading: another model's tokenizer costs seconds, not a model load
         check_vocabulary(inputs, vocab_size)
@@ -156,6 +180,37 @@ def check_chat_rows(settings: FinetuneSettings, rows: Sequence[Row], tokenizer: 
         tokenizer.chat_template = read_chat_template(settings.chat_template)
     if rows and rows[0].kind == "messages":
         check_chat_template(tokenizer, settings.model, settings.chat_template)
+
+
+def generation_stop_ids(model_dir: str, config: Mapping[str, Any]) -> tuple[tuple[int, ...] | None, str]:
+    """The eos ids generation stops at for a model folder, and the file that gives them.
+
+    transformers reads them from generation_config.json where the folder has one, else from
+    config.json (its own `eos_token_id`, or its text model's).
+
+    Returns:
+        tuple: (the ids, or None when neither file gives any; the file's path).
+
+    Raises:
+        ModelFolderError: generation_config.json is not valid JSON.
+    """
+    path = Path(model_dir) / "generation_config.json"
+    if path.is_file():
+        try:
+            section: Any = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise ModelFolderError(f"{path}: cannot be read as JSON ({error}); fix or remove it") from None
+        sections = [section if isinstance(section, dict) else {}]
+    else:
+        path = Path(model_dir) / "config.json"
+        sections = [dict(config), config.get("text_config") or {}]
+    for section in sections:
+        value = section.get("eos_token_id") if isinstance(section, dict) else None
+        if isinstance(value, int) and not isinstance(value, bool):
+            return (value,), str(path)
+        if isinstance(value, list) and all(isinstance(i, int) for i in value):
+            return tuple(value), str(path)
+    return None, str(path)
 
 
 def configured_vocab_size(config: Mapping[str, Any]) -> int | None:

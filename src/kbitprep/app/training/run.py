@@ -256,6 +256,8 @@ class FinetuneRun:
         """Every phase after the claim; the timings cover all but the writing of the files."""
         timings: dict[str, float] = {}
         started = time.perf_counter()
+        if session.main:
+            report_checks(inputs, session.observer)
         memory = self.predict_memory(inputs)
         with timed(timings, "load_s"):
             built = self.executor.load(inputs, session, functools.partial(self.build, inputs, session))
@@ -500,6 +502,14 @@ def measured_memory(memory: dict[str, Any], measured: int | None, method: str) -
     return memory
 
 
+def report_checks(inputs: RunInputs, observer: FinetuneObserver) -> None:
+    """The template checks' warnings as warnings (each with its `.code`), their notes as messages."""
+    for diagnostic in inputs.checks.warnings:
+        warnings.warn(diagnostic.as_warning(), stacklevel=2)
+    for note in inputs.checks.notes:
+        observer.on_message(note.message)
+
+
 def data_summary(inputs: RunInputs) -> dict[str, Any]:
     """Rows read, examples kept, rows cut or skipped, and the tokens trained on per epoch."""
     data, settings, request = inputs.data, inputs.settings, inputs.request
@@ -507,6 +517,7 @@ def data_summary(inputs: RunInputs) -> dict[str, Any]:
     summary = {"file": settings.data, "rows": len(request.rows), "examples": len(data),
                "truncated": data.truncated, "dropped_lines": list(data.dropped),
                "trained_tokens_per_epoch": trained, "kind": request.rows[0].kind if request.rows else None}
+    summary["template_checks"] = inputs.checks.to_dict()
     if isinstance(inputs.train_data, PackedData):
         summary["packing"] = inputs.train_data.summary()
     if inputs.eval_data is not None:
