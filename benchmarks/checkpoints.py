@@ -26,11 +26,17 @@ def save_random_checkpoint(config: Mapping[str, Any], directory: Path, *, seed: 
 
 
 def load_4bit(checkpoint: Path) -> nn.Module:
-    """Load a checkpoint in 4-bit NF4 (double quantization, bf16 compute) on CPU: `kbitprep.sizing`'s "nf4"."""
+    """Load a checkpoint in 4-bit NF4 (double quantization) on CPU: `kbitprep.sizing`'s "nf4".
+
+    Its layers compute in the precision the product picks here (`pace.bench_compute_dtype`):
+    bf16 on a CPU that computes it fast, fp32 on one without oneDNN bf16 kernels.
+    """
     from transformers import AutoModelForCausalLM
+
+    from .pace import bench_compute_dtype
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # bitsandbytes' CPU backend warns about torch.jit on first use: not ours
         return AutoModelForCausalLM.from_pretrained(
-            checkpoint, quantization_config=bnb_config_for("nf4", torch.bfloat16), dtype=torch.bfloat16,
+            checkpoint, quantization_config=bnb_config_for("nf4", bench_compute_dtype()), dtype=torch.bfloat16,
             device_map="cpu")

@@ -28,6 +28,8 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from .pace import Progress
+
 __all__ = ["FIT_GRID", "QUICK_GRID", "FitCase", "FitGridResult", "FitRow", "check_mean", "check_worst",
            "measure_fit_grid", "render_fit"]
 
@@ -207,6 +209,7 @@ def measure_fit_grid(cases: Sequence[FitCase] = FIT_GRID, *, steps: int = 2, thr
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     started, rows, measured_by = time.perf_counter(), [], ""
+    progress = Progress("fit check", len(cases), log, unit="run", every_s=0)
     try:
         for case in cases:
             if case.loss not in _runnable_losses():
@@ -217,6 +220,7 @@ def measure_fit_grid(cases: Sequence[FitCase] = FIT_GRID, *, steps: int = 2, thr
             rows.append(row)
             log(f"  {case.name}: predicted {row.predicted / 2**20:,.1f} MiB, measured {row.measured / 2**20:,.1f} "
                 f"MiB, error {100 * row.error:+.2f}% ({row.seconds:.0f} s)")
+            progress.advance()
     finally:
         torch.set_num_threads(previous)
     return FitGridResult(rows=rows, measured_by=measured_by, steps=steps, duration_s=time.perf_counter() - started)

@@ -34,16 +34,17 @@ from typing import Any
 import torch
 
 from .checkpoints import load_4bit, save_random_checkpoint
+from .pace import treat_bf16_as_configured
 from .training import (
     _DONE,
     _FINISH,
     _READY,
-    _STEP,
     TrainingSettings,
     _reset_peak_rss,
     _rss_bytes,
     _serve,
     _Worker,
+    run_rounds,
     synthetic_batches,
 )
 
@@ -73,6 +74,8 @@ class LossMemorySettings:
         rank (int): LoRA rank (alpha twice the rank, dropout 0, every linear layer). Default: 16
         seed (int): seeds the weights, the LoRA init and the data. Default: 0
         threads (int | None): torch threads per worker; None keeps torch's default. Default: 1
+        budget_s (float | None): seconds the timed rounds may take (`training.run_rounds`); None: no
+            budget. Default: 240
     """
 
     seq_len: int = 512
@@ -84,6 +87,7 @@ class LossMemorySettings:
     rank: int = 16
     seed: int = 0
     threads: int | None = 1
+    budget_s: float | None = 240.0
 
     def data(self, seq_len: int, steps: int) -> TrainingSettings:
         """The settings `synthetic_batches` takes, for `steps` batches of `seq_len` tokens."""
@@ -216,11 +220,7 @@ def run_loss_memory(config: Mapping[str, Any], settings: LossMemorySettings, *, 
         try:
             for worker in workers:
                 worker.expect(_READY)
-            for step in range(settings.steps):
-                shift = step % len(workers)
-                for worker in workers[shift:] + workers[:shift]:
-                    worker.send(_STEP)
-                    worker.expect(_DONE)
+            run_rounds(workers, settings.steps, settings.warmup, settings.budget_s, "loss rounds", log)
             for worker in workers:  # one at a time: the peaks are measured without a neighbour's steps
                 for command in (_SLOPE, _FINISH):
                     worker.send(command)
@@ -272,6 +272,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     fields = json.loads(args.settings)
     settings = LossMemorySettings(**{**fields, "seq_lens": tuple(fields["seq_lens"])})
+    treat_bf16_as_configured()
     run = LossRun(args.checkpoint, args.variant, settings)
     _serve(run, args.output, {_SLOPE: run.slope})
 

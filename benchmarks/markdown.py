@@ -8,11 +8,12 @@ from kbitprep.report import format_count
 
 from .capture import Emitted, distinct
 from .fit import render_fit
+from .loss_memory import LOSS_VARIANTS, LossMemorySettings
+from .pace import SLOW_BF16_ENV
 from .packing import render_packing
-from .loss_memory import LOSS_VARIANTS
 from .results import BenchmarkResults, check_targets, ratio_of
 from .shapes import published_source
-from .training import PATTERN_TOKENS, WARNING_STEPS, WORKER_ENV, TrainingResult
+from .training import PATTERN_TOKENS, WARNING_STEPS, WORKER_ENV, TrainingResult, TrainingSettings
 from .variants import REFERENCE, VARIANTS
 
 __all__ = ["render"]
@@ -184,11 +185,11 @@ def _training(results: BenchmarkResults) -> list[str]:
         f"{config['vocab_size']:,}, {'tied' if config['tie_word_embeddings'] else 'untied'} LM head), "
         "random bf16 weights "
         "saved once and loaded by every",
-        "variant with NF4 (double quantization, bf16 compute). LoRA r="
+        f"variant with NF4 (double quantization, {_compute(results)}). LoRA r="
         f"{settings.rank}, alpha={2 * settings.rank}, dropout 0 on all linear layers "
         f"({reference.trainable_parameters:,} trainable parameters), AdamW lr {settings.lr}, "
-        f"{settings.steps} steps of batch {settings.batch_size} x {settings.seq_len} tokens, seed {settings.seed} "
-        "for weights, adapters and data. The data walks a fixed random successor table over "
+        f"{_steps_run(reference.steps, settings)} of batch {settings.batch_size} x {settings.seq_len} tokens, "
+        f"seed {settings.seed} for weights, adapters and data. The data walks a fixed random successor table over "
         f"{PATTERN_TOKENS} token ids, "
         "so the loss falls within a few steps. Gradient checkpointing is on (each preparation's default).",
         "",
@@ -204,7 +205,7 @@ def _training(results: BenchmarkResults) -> list[str]:
         "not used: Linux carries it across exec, so each worker reports the parent's size when that is larger;",
         "here it reads " + ", ".join(f"{_mib(r.ru_maxrss_bytes)}" for r in results.training.values())
         + " MiB in the same order as the table.) Step time is the median",
-        f"over steps {settings.warmup + 1}-{settings.steps}, after {settings.warmup} warm-up step(s); CPU time is the",
+        f"over steps {settings.warmup + 1}-{reference.steps}, after {settings.warmup} warm-up step(s); CPU time is the",
         "process's CPU seconds per step (all threads), steadier than wall time on a shared machine.",
         "",
     ]
@@ -226,7 +227,7 @@ def _training(results: BenchmarkResults) -> list[str]:
         ["", "Loss curve (and each step's wall time in seconds):", ""]
     names = list(results.training)
     curve = [[step + 1, *(f"{results.training[n].losses[step]:.4f} ({results.training[n].step_wall_s[step]:.2f})"
-                          for n in names)] for step in range(settings.steps)]
+                          for n in names)] for step in range(reference.steps)]
     return lines + _table(["step", *(_label(n) for n in names)], curve) + [""]
 
 
@@ -310,6 +311,26 @@ def _key(item: dict[str, str]) -> tuple[str, str, str]:
     return item["kind"], item["category"], item["message"]
 
 
+def _compute(results: BenchmarkResults) -> str:
+    """The 4-bit layers' compute dtype and why: the product's rule for this CPU (`pace.bench_compute_dtype`)."""
+    dtype = str(results.compute_dtype).removeprefix("torch.")
+    forced = f", bf16 treated as slow by `{SLOW_BF16_ENV}=1`" if results.bf16_treated_slow else ""
+    return f"{dtype} compute: what kbitprep picks on this CPU{forced}"
+
+
+def _loss_steps(results: BenchmarkResults) -> int:
+    return min(len(run.losses) for runs in results.loss_memory.values() for run in runs.values())
+
+
+def _steps_run(run: int, settings: TrainingSettings | LossMemorySettings) -> str:
+    """"16 steps", or "6 of 16 steps (...)" where the section's time budget cut the rounds."""
+    if run >= settings.steps:
+        return f"{run} steps"
+    budget = settings.budget_s or 0
+    return (f"{run} of {settings.steps} steps (**fewer: the section's time budget of {budget / 60:.1f} min**, "
+            "judged from the rounds done, ran out on this CPU)")
+
+
 def _loss_memory(results: BenchmarkResults) -> list[str]:
     """Section 5: the chunked loss against transformers' loss, each after its own preparation."""
     settings = results.loss_memory_settings
@@ -325,10 +346,11 @@ def _loss_memory(results: BenchmarkResults) -> list[str]:
         f"{settings.rank}, every linear layer), AdamW, seed and data as section 2; every token is trained, so the",
         "chunked loss drops no position and its saving is the chunking alone. Each variant is a process of its",
         f"own ({_threads(settings)}); the two take turns, one step each per round. Peak = VmHWM, reset after",
-        f"loading: the peak from preparation to the end of {settings.steps} steps of batch {settings.batch_size} x "
+        f"loading: the peak from preparation to the end of {_steps_run(_loss_steps(results), settings)} of batch "
+        f"{settings.batch_size} x "
         f"{settings.seq_len}. Then, for each length, the mark is reset and one step run: the peak per length, and",
         "its least-squares slope per token of the batch. Median step over steps "
-        f"{settings.warmup + 1}-{settings.steps}.",
+        f"{settings.warmup + 1}-{_loss_steps(results)}. The 4-bit layers run in {_compute(results)}.",
         "",
         f"CPU: {results.machine.cpu}. bf16 speed: a frozen `Linear(256, 32000)` on 512 tokens, forward + backward,"
         f" 1 thread: fp32 {speed.get('float32', 0) * 1000:.0f} ms, bf16 {speed.get('bfloat16', 0) * 1000:.0f} ms "

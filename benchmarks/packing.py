@@ -21,6 +21,8 @@ from typing import Any
 
 import torch
 
+from .pace import Progress
+
 __all__ = ["PACKING_CONFIG", "PackingResult", "PackingSettings", "measure_packing", "mixed_rows", "render_packing"]
 
 # A small Llama, computed in float32 (fast on any CPU), so the minute goes to steps, not loading.
@@ -157,9 +159,11 @@ def measure_packing(settings: PackingSettings | None = None, *, log: Callable[[s
             model = _model(Path(workdir) / "model")
             check_packing(model, PACKING_CONFIG["vocab_size"])
             rounds: dict[str, list[list[float]]] = {name: [] for name in modes}
+            progress = Progress("packing", settings.rounds * len(modes), log, unit="timed pass", every_s=0)
             for _ in range(settings.rounds):
                 for name, batches in modes.items():
                     rounds[name].append(_step_times(model, batches, settings.steps))
+                    progress.advance()
         padded, packed_figures = (_figures(modes[name], rounds[name]) for name in modes)
         log(f"  padded {padded.trained_per_second:.0f}, packed {packed_figures.trained_per_second:.0f} "
             "trained tokens/s")

@@ -25,6 +25,7 @@ import torch
 import kbitprep
 
 from .checkpoints import load_4bit, save_random_checkpoint
+from .pace import Progress
 from .variants import VARIANTS, reference_rule_bytes
 
 __all__ = ["PreparedLoad", "RealModelResult", "measure_real_model", "quant_state_bytes"]
@@ -129,11 +130,13 @@ def measure_real_model(name: str, config: Mapping[str, Any], variants: Sequence[
         checkpoint = save_random_checkpoint(config, Path(tmp) / "model")
         log(f"  {name}: random bf16 checkpoint saved in {time.perf_counter() - started:.0f} s")
         loads, load_times, states = [], [], 0
+        progress = Progress(f"{name} loads", repeats * len(variants), log, unit="load")
         for repeat in range(repeats):
             for variant in variants:
                 load, load_s, states = _prepare_once(checkpoint, variant)
                 loads.append(load)
                 load_times.append(load_s)
+                progress.advance()
             log(f"  {name}: repeat {repeat + 1}/{repeats} done ({len(variants)} loads, last {load_times[-1]:.0f} s)")
     return RealModelResult(model=name, loads=loads, load_s=load_times, quant_state_bytes=states)
 

@@ -40,6 +40,9 @@ class BenchmarkResults:
     loss_memory: dict[str, dict[str, LossMemoryResult]] = dataclasses.field(default_factory=dict)
     bf16_speed: dict[str, float] = dataclasses.field(default_factory=dict)
     sharded: ShardedResult | None = None
+    # What the 4-bit layers computed in (the product's rule here), and whether bf16 was treated as slow.
+    compute_dtype: str = "bfloat16"
+    bf16_treated_slow: bool = False
 
     def footprint_of(self, model: str) -> FootprintRow | None:
         return next((row for row in self.footprint if row.model == model), None)

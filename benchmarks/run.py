@@ -40,6 +40,7 @@ from benchmarks.footprint import measure_footprint  # noqa: E402
 from benchmarks.loss_memory import LossMemorySettings, bf16_speed, run_loss_memory  # noqa: E402
 from benchmarks.machine import describe_machine  # noqa: E402
 from benchmarks.markdown import render  # noqa: E402
+from benchmarks.pace import SLOW_BF16_ENV, bench_compute_dtype, bf16_treated_slow, treat_bf16_as_configured  # noqa: E402
 from benchmarks.packing import PackingSettings, measure_packing  # noqa: E402
 from benchmarks.real_model import measure_real_model  # noqa: E402
 from benchmarks.results import BenchmarkResults, check_targets  # noqa: E402
@@ -55,6 +56,7 @@ from benchmarks.training import TrainingSettings, run_training  # noqa: E402
 from benchmarks.variants import VARIANTS  # noqa: E402
 
 TRAINED_VARIANTS = ("reference", "all", "norms")
+SECTIONS = ("real", "training", "packing", "fit", "loss-memory", "fsdp")
 QUICK_NAME = "tiny-Qwen2"
 
 
@@ -79,17 +81,40 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--skip-loss-memory", action="store_true",
                         help="skip the chunked loss's peak memory, step time and memory per token")
     parser.add_argument("--skip-fsdp", action="store_true", help="skip the sharded (FSDP) loading")
+    parser.add_argument("--only", type=lambda text: set(text.split(",")), metavar="SECTION[,SECTION]",
+                        help=f"run only these sections, of: {', '.join(SECTIONS)} (the footprint always runs)")
+    parser.add_argument("--budget-minutes", type=float, default=1.0,
+                        help="scales each lockstep section's time budget (training 8 min, chunked loss 4 min per "
+                             "model, at 1.0); rounds beyond it are dropped and the report says so; 0: no budget")
     parser.add_argument("--quick", action="store_true",
                         help="tiny models and few steps everywhere: checks the script, measures nothing useful")
     return parser
 
 
+_STARTED = time.perf_counter()
+
+
 def _log(message: str) -> None:
+    """A progress line; a section's heading carries the minutes since the start."""
+    if message.startswith("["):
+        message = f"{message}  ({(time.perf_counter() - _STARTED) / 60:.1f} min in)"
     print(message, flush=True)
+
+
+def _skip(args: argparse.Namespace, section: str) -> bool:
+    """Whether `--skip-SECTION` or `--only` leaves `section` out."""
+    return getattr(args, "skip_" + section.replace("-", "_")) or (args.only is not None and section not in args.only)
+
+
+def _budget(args: argparse.Namespace, seconds: float) -> float | None:
+    return seconds * args.budget_minutes if args.budget_minutes > 0 else None
 
 
 def run(args: argparse.Namespace, command: str) -> BenchmarkResults:
     """Measure everything `args` asks for; write nothing."""
+    unknown = (args.only or set()) - set(SECTIONS)
+    if unknown:
+        raise SystemExit(f"error: unknown section(s) {', '.join(sorted(unknown))}; pick from {', '.join(SECTIONS)}")
     started = time.perf_counter()
     started_utc = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     machine = describe_machine(REPO_ROOT)
@@ -97,6 +122,8 @@ def run(args: argparse.Namespace, command: str) -> BenchmarkResults:
     real_name = QUICK_NAME if args.quick else REAL_SHAPE
     training_config = dict(TINY_CONFIG if args.quick else TRAINING_CONFIG)
 
+    _log(f"4-bit layers compute in {bench_compute_dtype()} here (kbitprep's rule for this CPU"
+         + (f"; bf16 treated as slow by {SLOW_BF16_ENV})" if bf16_treated_slow() else ")"))
     _log("[1] footprint of the published shapes, on the meta device")
     footprint = []
     for name, config in shapes.items():
@@ -104,42 +131,43 @@ def run(args: argparse.Namespace, command: str) -> BenchmarkResults:
         _log(f"  {name}: norms/ref {footprint[-1].ratio('norms'):.3f}x")
 
     real = None
-    if not args.skip_real:
+    if not _skip(args, "real"):
         _log(f"[1, 3] real {real_name}: validation of the sizing, preparation time")
         repeats = 1 if args.quick else args.repeats
         real = measure_real_model(real_name, shapes[real_name], list(VARIANTS), repeats=repeats, log=_log)
 
     settings, training = None, {}
-    if not args.skip_training:
+    if not _skip(args, "training"):
         _log("[2, 4] training and its warnings, one process per variant")
         threads = args.threads or None
         settings = TrainingSettings(steps=5, warmup=1, batch_size=1, seq_len=32, threads=threads) if args.quick else \
             TrainingSettings(steps=args.steps, warmup=args.warmup, batch_size=args.batch_size, seq_len=args.seq_len,
-                             threads=threads)
+                             threads=threads, budget_s=_budget(args, TrainingSettings().budget_s or 0))
         training = run_training(training_config, TRAINED_VARIANTS, settings, log=_log)
 
     packing = None
-    if not args.skip_packing:
+    if not _skip(args, "packing"):
         _log("[5] packing: trained tokens per second, padded and packed")
         quick = PackingSettings(rows=16, seq_len=64, steps=2, rounds=1)
         packing = measure_packing(quick if args.quick else PackingSettings(), log=_log)
     fit = None
-    if not args.skip_fit:
+    if not _skip(args, "fit"):
         _log("[6] fit check: predicted against measured peak, one finetune run per row")
         fit = measure_fit_grid(QUICK_GRID if args.quick else FIT_GRID, log=_log)
     loss_settings, loss_configs, loss_runs = None, {}, {}
-    if not args.skip_loss_memory:
+    if not _skip(args, "loss-memory"):
         _log("[7] the chunked loss: peak memory from preparation, step time, memory per token")
         loss_configs = {QUICK_NAME: dict(TINY_CONFIG)} if args.quick else {k: dict(v) for k, v in
                                                                            LOSS_MEMORY_CONFIGS.items()}
         loss_settings = LossMemorySettings(seq_len=32, seq_lens=(16, 32, 64), batch_size=1, steps=2, warmup=1) \
-            if args.quick else LossMemorySettings(threads=args.threads or None)
+            if args.quick else LossMemorySettings(threads=args.threads or None,
+                                                  budget_s=_budget(args, LossMemorySettings().budget_s or 0))
         for label, config in loss_configs.items():
             _log(f"  {label}")
             loss_runs[label] = run_loss_memory(config, loss_settings, log=_log)
 
     sharded = None
-    if not args.skip_fsdp:
+    if not _skip(args, "fsdp"):
         _log("[8] finetune --fsdp: the 4-bit base sharded over 1 and 2 processes")
         sharded = measure_sharded(TINY_SHARDED_CONFIG if args.quick else SHARDED_CONFIG, log=_log)
 
@@ -149,7 +177,8 @@ def run(args: argparse.Namespace, command: str) -> BenchmarkResults:
         training_footprint=measure_footprint("training model", training_config),
         training_settings=settings, training=training, packing=packing, fit=fit, sharded=sharded,
         loss_memory_settings=loss_settings, loss_memory_configs=loss_configs, loss_memory=loss_runs,
-        bf16_speed=bf16_speed() if not args.skip_loss_memory else {},
+        bf16_speed=bf16_speed() if not _skip(args, "loss-memory") else {},
+        compute_dtype=str(bench_compute_dtype()).removeprefix("torch."), bf16_treated_slow=bf16_treated_slow(),
     )
 
 
@@ -166,6 +195,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = _parser().parse_args(argv)
     torch.manual_seed(0)
+    treat_bf16_as_configured()
     transformers.utils.logging.disable_progress_bar()
     results = run(args, _command(argv))
     args.output.write_text(render(results), encoding="utf-8")

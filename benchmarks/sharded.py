@@ -27,6 +27,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 if __package__ in (None, ""):  # run as a script (also by torchrun): make `benchmarks` importable
     sys.path[0] = str(REPO_ROOT)
 
+from benchmarks.pace import Progress  # noqa: E402
 from benchmarks.shapes import PUBLISHED_CONFIGS  # noqa: E402
 
 __all__ = ["LLAMA_3_70B_CONFIG", "SHARDED_CONFIG", "SHARDED_LAYERS", "TINY_SHARDED_CONFIG", "ShardedResult",
@@ -95,9 +96,11 @@ def measure_sharded(config: Mapping[str, Any] = SHARDED_CONFIG, *, name: str = "
         checkpoint = save_random_checkpoint(config, root / "model")
         parameters = _parameter_count(config)
         runs = []
+        progress = Progress("fsdp launches", len(processes), log, unit="launch", every_s=0)
         for count in processes:
             runs.append(_launch(checkpoint, count, root / f"n{count}.json"))
             log(f"  N={count}: per-process parameter bytes {runs[-1].local_bytes}, peak RSS {runs[-1].peak_rss}")
+            progress.advance()
         sizing = _inspect_70b(root / "llama-3-70b")
         log(f"  inspect Llama-3-70B --devices 2: {sizing['seconds']:.1f} s")
     return ShardedResult(name, parameters, runs, sizing)

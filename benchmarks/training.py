@@ -40,6 +40,7 @@ import torch
 
 from .capture import Emitted, capture_warnings
 from .checkpoints import load_4bit, save_random_checkpoint
+from .pace import Progress, StepBudget, treat_bf16_as_configured
 
 __all__ = ["TrainingResult", "TrainingSettings", "VariantRun", "run_training", "synthetic_batches", "train_variant"]
 
@@ -68,6 +69,9 @@ class TrainingSettings:
         threads (int | None): torch intra-op threads per worker; None keeps torch's default (all
             cores). One thread keeps step times steady on a shared machine, where a thread that
             waits for a busy core stalls every parallel op. Default: 1
+        budget_s (float | None): seconds the rounds of steps may take; fewer rounds run (never
+            fewer than warm-up + 2) when the rounds done so far say they would not fit. None: no
+            budget. Default: 480
     """
 
     steps: int = 16
@@ -78,6 +82,7 @@ class TrainingSettings:
     rank: int = 16
     seed: int = 0
     threads: int | None = 1
+    budget_s: float | None = 480.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,6 +103,12 @@ class TrainingResult:
     warnings_steps: list[dict[str, str]]
     trainable_parameters: int
     torch_threads: int
+    compute_dtype: str = "bfloat16"  # what the 4-bit layers computed in (`pace.bench_compute_dtype`)
+
+    @property
+    def steps(self) -> int:
+        """Steps run: `TrainingSettings.steps`, or fewer where the time budget cut the rounds."""
+        return len(self.losses)
 
     @property
     def median_step_s(self) -> float:
@@ -237,7 +248,15 @@ class VariantRun:
             "warnings_steps": as_dicts(self.step_warnings),
             "trainable_parameters": sum(param.numel() for param in self.trainable),
             "torch_threads": torch.get_num_threads(),
+            "compute_dtype": _compute_dtype(self.model),
         }
+
+
+def _compute_dtype(model: torch.nn.Module) -> str:
+    """The dtype the 4-bit layers compute in ("none" for a model without any)."""
+    found = {module.compute_dtype for module in model.modules() if isinstance(getattr(module, "compute_dtype", None),
+                                                                              torch.dtype)}
+    return ", ".join(sorted(str(dtype).removeprefix("torch.") for dtype in found)) or "none"
 
 
 def train_variant(checkpoint: Path, variant_name: str, settings: TrainingSettings) -> dict[str, Any]:
@@ -311,11 +330,7 @@ def run_training(config: Mapping[str, Any], variants: Sequence[str], settings: T
             for worker in workers:
                 worker.expect(_READY)
             log(f"  {len(workers)} workers loaded and prepared; {settings.steps} rounds of steps")
-            for step in range(settings.steps):
-                shift = step % len(workers)
-                for worker in workers[shift:] + workers[:shift]:
-                    worker.send(_STEP)
-                    worker.expect(_DONE)
+            run_rounds(workers, settings.steps, settings.warmup, settings.budget_s, "training rounds", log)
             for worker in workers:
                 worker.send(_FINISH)
                 worker.expect(_DONE)
@@ -329,6 +344,28 @@ def run_training(config: Mapping[str, Any], variants: Sequence[str], settings: T
     for name, result in results.items():
         log(f"  training {name}: median step {result.median_step_s:.2f} s, final loss {result.final_loss:.4f}")
     return results
+
+
+def run_rounds(workers: Sequence[_Worker], requested: int, warmup: int, budget_s: float | None, label: str,
+               log: Callable[[str], None]) -> int:
+    """Rounds of one step per worker, order rotated each round, as many as `budget_s` lets; returns how many ran.
+
+    Progress, with the time left estimated from the rounds done, goes to `log`.
+    """
+    budget = StepBudget(requested, minimum=warmup + 2, budget_s=budget_s)
+    progress = Progress(label, requested, log, unit="round")
+    rounds, done = requested, 0
+    while done < rounds:
+        shift = done % len(workers)
+        for worker in [*workers[shift:], *workers[:shift]]:
+            worker.send(_STEP)
+            worker.expect(_DONE)
+        done += 1
+        rounds = budget.rounds_after(done)
+        progress.advance(total=rounds)
+    if rounds < requested:
+        log(f"    {label}: {rounds} of {requested} rounds, the time budget of {budget_s / 60:.1f} min")
+    return rounds
 
 
 def _serve(run: Any, output: Path, extra: Mapping[str, Callable[[], object]] | None = None) -> None:
@@ -359,6 +396,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--settings", required=True, help="TrainingSettings as JSON")
     args = parser.parse_args(argv)
     settings = TrainingSettings(**json.loads(args.settings))
+    treat_bf16_as_configured()
     _serve(VariantRun(args.checkpoint, args.variant, settings), args.output)
 
 

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:  # `benchmarks` is a folder of the repository, not an installed package
@@ -165,3 +166,40 @@ def test_sharded_loading_runs_under_torchrun_and_renders(tiny_row, tmp_path):
     assert "## FSDP-QLoRA" in render(results)
     outcomes = {target.name: met for target, _, met in check_targets(results)}
     assert outcomes["finetune --fsdp: per-process parameter bytes at N=2 <= 0.55x of one process"] is True
+
+
+def test_a_time_budget_cuts_the_rounds_and_the_table_says_so(tiny_row, monkeypatch):
+    """Treating bf16 as slow (as on an AVX2-only CPU) makes the workers compute in fp32; a budget far below one
+    round's time runs only warm-up + 2 rounds of the 6 asked, and section 2 says it ran fewer."""
+    from benchmarks.pace import SLOW_BF16_ENV, Progress, bench_compute_dtype
+    from benchmarks.training import run_training
+
+    from kbitprep import override_fast_dtypes
+
+    with override_fast_dtypes("cpu", set()):
+        assert bench_compute_dtype() == torch.float32
+    with override_fast_dtypes("cpu", {torch.bfloat16}):
+        assert bench_compute_dtype() == torch.bfloat16
+    lines: list[str] = []
+    progress = Progress("rounds", 4, lines.append, unit="round", every_s=0)
+    progress.advance()
+    progress.advance(total=2)
+    assert lines[0].startswith("    rounds: round 1/4,") and "left" in lines[0]
+    assert lines[1].startswith("    rounds: round 2/2,") and lines[1].endswith("about 0:00 left")
+
+    monkeypatch.setenv(SLOW_BF16_ENV, "1")
+    settings = TrainingSettings(steps=6, warmup=1, batch_size=1, seq_len=16, threads=1, budget_s=1e-3)
+    log: list[str] = []
+    training = run_training(TINY_CONFIG, ["reference", "norms"], settings, log=log.append)
+    assert [result.steps for result in training.values()] == [3, 3]
+    assert {result.compute_dtype for result in training.values()} == {"float32"}
+    assert any("3 of 6 rounds, the time budget" in line for line in log)
+    results = BenchmarkResults(
+        command="python benchmarks/run.py", started_utc="now", duration_s=1.0,
+        machine=describe_machine(REPO_ROOT), footprint=[tiny_row], real=None, training_config=dict(TINY_CONFIG),
+        training_footprint=tiny_row, training_settings=settings, training={**training, "all": training["norms"]},
+        compute_dtype="float32", bf16_treated_slow=True,
+    )
+    text = render(results)
+    assert "3 of 6 steps (**fewer: the section's time budget" in text
+    assert f"float32 compute: what kbitprep picks on this CPU, bf16 treated as slow by `{SLOW_BF16_ENV}=1`" in text
