@@ -23,7 +23,7 @@ import functools
 from collections.abc import Iterable
 from typing import Any
 
-from ...errors import KbitPrepError
+from ...errors import ArgumentTypeError, KbitPrepError
 
 __all__ = ["BNB_OPTIMIZERS", "OPTIM_CHOICES", "OPTIM_RULE", "OptimizerUnavailableError", "loraplus_optimizer",
            "make_optimizer", "steps_here", "why_not_here"]
@@ -56,6 +56,7 @@ def make_optimizer(parameters: Iterable[Any], settings: Any, *, model: Any = Non
 
     Raises:
         OptimizerUnavailableError: bitsandbytes cannot step its 8-bit optimizers on this machine.
+        ArgumentTypeError: LoRA+ is asked for without `model`.
     """
     import torch
 
@@ -74,7 +75,7 @@ def make_optimizer(parameters: Iterable[Any], settings: Any, *, model: Any = Non
     ratio = getattr(settings, "loraplus_lr_ratio", None)
     if ratio is not None:
         if model is None:
-            raise TypeError("make_optimizer: LoRA+ groups the parameters by name; pass model=")
+            raise ArgumentTypeError("make_optimizer: LoRA+ groups the parameters by name; pass model=")
         return loraplus_optimizer(model, optimizer_cls, {**kwargs, "lr": settings.lr}, ratio)
     return optimizer_cls(params, lr=settings.lr, **kwargs)
 
