@@ -10,7 +10,7 @@ TORCH  := torch==2.13.0
 # the suite spends most of its time in kbitprep commands it starts and waits for.
 PYTEST := $(BIN)/python -m pytest -q -n 2 --dist loadfile
 
-.PHONY: install demo lint test test-fast bench sweep docs clean
+.PHONY: install demo lint test test-fast bench sweep docs clean gguf-check
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -47,6 +47,20 @@ sweep: install
 # The finetune options table in docs/cli.md, generated from kbitprep.app.config.settings.
 docs: install
 	$(BIN)/python -m kbitprep.app.config.settings --update docs/cli.md
+
+# llama-cpp-python (the `llama-cpp` extra) and the tests that load GGUF files in llama.cpp
+# (marker llamacpp, deselected by `make test`). pip builds llama.cpp from source (15-25 minutes
+# on two cores): a wheel once built is kept in .cache/wheels/ (git-ignored) and reused.
+WHEELS := .cache/wheels
+gguf-check: install
+	mkdir -p $(WHEELS)
+	if ls $(WHEELS)/llama_cpp_python-*.whl >/dev/null 2>&1; then \
+		$(BIN)/python -m pip install --quiet --find-links $(WHEELS) -e ".[llama-cpp]"; \
+	else \
+		$(BIN)/python -m pip wheel --no-deps --wheel-dir $(WHEELS) "llama-cpp-python==0.3.36" && \
+		$(BIN)/python -m pip install --quiet --find-links $(WHEELS) -e ".[llama-cpp]"; \
+	fi
+	$(BIN)/python -m pytest -q -m llamacpp -s tests/test_gguf_llamacpp.py
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info src/*.egg-info

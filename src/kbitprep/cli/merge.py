@@ -27,7 +27,9 @@ def add_parser(commands: argparse._SubParsersAction) -> argparse.ArgumentParser:
                         help="also write model.gguf for llama.cpp/Ollama, tokenizer and chat template inside "
                              f"({', '.join(GGUF_ARCHITECTURES)})")
     parser.add_argument("--gguf-dtype", choices=list(GGUF_DTYPES), default="f16",
-                        help="dtype of the GGUF file's weight matrices; norms stay f32 (default: %(default)s)")
+                        help="type of the GGUF file's weight matrices; norms stay f32. q8_0 ... q4_0 are written by "
+                             "the gguf package, the k-quants (q6_k ... q2_k) by llama.cpp's quantizer (needs "
+                             "llama-cpp-python: pip install 'kbitprep[llama-cpp]') (default: %(default)s)")
     parser.add_argument("--verify", action="store_true",
                         help="compare the written model (and model.gguf, where llama-cpp-python is installed) with "
                              "the run's 4-bit base + adapter on the run's first rows: max logit difference and "

@@ -1,108 +1,43 @@
 """GGUF export of a merged model, for llama.cpp and Ollama, with the `gguf` Python package alone.
 
-    merged model (plain weights) ──> architecture row (GGUF_ARCHITECTURES)
-        ──> hyperparameters from config.json ──> tensors renamed by gguf's own
-            TensorNameMap (q/k rows permuted where llama.cpp's rope expects it)
+    merged model (plain weights) ──> architecture row (gguf_arch.GGUF_ARCHITECTURES)
+        ──> hyperparameters and rope keys from config.json (the row's own keys too)
+        ──> tensors renamed by gguf's own TensorNameMap, changed as the row says (q/k rows
+            permuted, norms shifted, a tied lm_head dropped), plus the rope tensors
+            (llama3's rope_freqs, longrope's factors)
+        ──> each tensor in its type (gguf_quant: f32 ... q4_0 by the gguf package)
         ──> tokenizer (tokens, types, merges, special ids) and chat template
-        ──> one .gguf file, written inside merge's staging folder
-
-The q/k permutation: HF Llama checkpoints order each head's rotary pairs as two halves
-(rotate_half), llama.cpp's "llama" rope pairs adjacent values; llama.cpp's
-convert_hf_to_gguf.py (LlamaModel.permute) reorders q_proj and k_proj rows per head so
-that the pairs are adjacent. Qwen2 uses the NEOX (halves) rope in llama.cpp, so its
-weights are written as they are.
+        ──> one .gguf file, written inside merge's staging folder; for a k-quant (q4_k_m ...)
+            an f16 file first, which llama.cpp's quantizer turns into the one asked for
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ...errors import KbitPrepError
+from .gguf_arch import (
+    GGUF_ARCHITECTURES,
+    GgufArchitecture,
+    GgufError,
+    extra_tensors,
+    gguf_architecture,
+    permute_for_llama_rope,
+    write_hyperparameters,
+    written_tensor,
+)
+from .gguf_quant import GGUF_DTYPES, TENSOR_FALLBACK, GgufDtype, gguf_dtype, quantize_with_llama_cpp, tensor_data
 
 if TYPE_CHECKING:
-    import numpy as np
     import torch
 
 __all__ = ["GGUF_ARCHITECTURES", "GGUF_DTYPES", "GGUF_FILE", "GgufArchitecture", "GgufError", "gguf_architecture",
-           "permute_for_llama_rope", "write_gguf"]
+           "gguf_dtype", "permute_for_llama_rope", "write_gguf"]
 
 GGUF_FILE = "model.gguf"
-
-
-class GgufError(KbitPrepError, ValueError):
-    """A model cannot be written as GGUF; the message names what is supported."""
-
-
-@dataclasses.dataclass(frozen=True)
-class GgufArchitecture:
-    """How one transformers architecture is written as GGUF.
-
-    Args:
-        gguf_name (str): the `gguf.MODEL_ARCH` member name (llama.cpp's architecture).
-        permute_qk (bool): reorder q/k rows per head for llama.cpp's adjacent-pair rope.
-    """
-
-    gguf_name: str
-    permute_qk: bool
-
-
-# transformers architecture class -> its GGUF form; first match wins. llama.cpp reads Mistral
-# as "llama" (its converter does the same).
-GGUF_ARCHITECTURES = {
-    "LlamaForCausalLM": GgufArchitecture("LLAMA", permute_qk=True),
-    "MistralForCausalLM": GgufArchitecture("LLAMA", permute_qk=True),
-    "Qwen2ForCausalLM": GgufArchitecture("QWEN2", permute_qk=False),
-}
-
-# --gguf-dtype -> (gguf tensor type name, llama file type name) for 2-D weights; norms and
-# other 1-D tensors stay float32, as llama.cpp's converter writes them.
-GGUF_DTYPES = {"f32": ("F32", "ALL_F32"), "f16": ("F16", "MOSTLY_F16"), "bf16": ("BF16", "MOSTLY_BF16")}
-
-
-def gguf_architecture(config: dict[str, Any]) -> GgufArchitecture:
-    """The GGUF row for a config.json's architecture.
-
-    Raises:
-        GgufError: no row; the message names the supported architectures.
-    """
-    names = config.get("architectures") or []
-    row = next((GGUF_ARCHITECTURES[name] for name in names if name in GGUF_ARCHITECTURES), None)
-    if row is None:
-        raise GgufError(f"--gguf: {', '.join(names) or config.get('model_type', 'this architecture')} is not one "
-                        f"kbitprep writes as GGUF; supported: {', '.join(GGUF_ARCHITECTURES)}. Merge without --gguf "
-                        "and convert with llama.cpp's convert_hf_to_gguf.py")
-    return row
-
-
-def permute_for_llama_rope(weight: torch.Tensor, heads: int) -> torch.Tensor:
-    """q/k rows reordered per head from HF's halves to llama.cpp's adjacent rotary pairs.
-
-    (heads * 2 * half, in) -> (heads, 2, half, in) -> (heads, half, 2, in) -> back.
-    """
-    rows = weight.shape[0]
-    return weight.reshape(heads, 2, rows // heads // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
-
-
-def _hyperparameters(writer: Any, config: dict[str, Any]) -> None:
-    heads = config["num_attention_heads"]
-    head_dim = config.get("head_dim") or config["hidden_size"] // heads
-    rope = config.get("rope_parameters") or {}
-    writer.add_context_length(config["max_position_embeddings"])
-    writer.add_embedding_length(config["hidden_size"])
-    writer.add_block_count(config["num_hidden_layers"])
-    writer.add_feed_forward_length(config["intermediate_size"])
-    writer.add_head_count(heads)
-    writer.add_head_count_kv(config.get("num_key_value_heads") or heads)
-    writer.add_rope_freq_base(float(rope.get("rope_theta") or config.get("rope_theta") or 10000.0))
-    writer.add_layer_norm_rms_eps(float(config.get("rms_norm_eps", 1e-6)))
-    writer.add_vocab_size(config["vocab_size"])
-    writer.add_rope_dimension_count(head_dim)
-    writer.add_key_length(head_dim)
-    writer.add_value_length(head_dim)
 
 
 def _tokenizer(writer: Any, tokenizer: Any, folder: Path, vocab_size: int) -> None:
@@ -138,17 +73,46 @@ def _tokenizer(writer: Any, tokenizer: Any, folder: Path, vocab_size: int) -> No
     special.add_to_gguf(writer)
 
 
-def _tensor(weight: torch.Tensor, kind: str) -> tuple[np.ndarray, Any]:
-    """A tensor as the array GGUFWriter takes, and its GGUF type (None: the array's own)."""
+def _write_file(model: Any, tokenizer: Any, tokenizer_folder: Path, path: Path, row: GgufDtype) -> int:
+    """One GGUF file whose tensors the `gguf` package writes in `row`'s types."""
     import gguf
     import torch
 
-    values = weight.detach().to(torch.float32).cpu().numpy()
-    if values.ndim < 2 or kind == "F32":
-        return values, None
-    if kind == "F16":
-        return values.astype("float16"), None
-    return gguf.quants.quantize(values, gguf.GGMLQuantizationType.BF16), gguf.GGMLQuantizationType.BF16
+    config = model.config.to_dict()
+    architecture = gguf_architecture(config)
+    arch = gguf.MODEL_ARCH[architecture.gguf_name]
+    names = gguf.get_tensor_name_map(arch, config["num_hidden_layers"])
+    state = model.state_dict()
+    output_name = gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.OUTPUT] + ".weight"
+    embedding_name = gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.TOKEN_EMBD] + ".weight"
+    tensors: dict[str, torch.Tensor] = {}
+    for hf_name, weight in state.items():
+        written = written_tensor(hf_name, weight, config, architecture)
+        if written is None:
+            continue
+        name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+        if name is None:
+            raise GgufError(f"--gguf: no GGUF name for tensor {hf_name!r} of {config['architectures'][0]}")
+        tensors[name] = written
+    tied = output_name not in tensors  # llama.cpp then reads token_embd as the output projection
+
+    writer = gguf.GGUFWriter(os.fspath(path), gguf.MODEL_ARCH_NAMES[arch])
+    writer.add_name(Path(config.get("_name_or_path") or "model").name or "model")
+    writer.add_file_type(gguf.LlamaFileType[row.file_type])
+    write_hyperparameters(writer, config, architecture)
+    _tokenizer(writer, tokenizer, tokenizer_folder, config["vocab_size"])
+    rope_tensors = extra_tensors(config)
+    for name, factors in rope_tensors.items():
+        writer.add_tensor(name, torch.tensor(factors, dtype=torch.float32).numpy())
+    for name, weight in tensors.items():
+        values = weight.detach().to(torch.float32).cpu().numpy()
+        data, kind = tensor_data(name, values, row, output=name == output_name or (tied and name == embedding_name))
+        writer.add_tensor(name, data, raw_dtype=kind)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return len(tensors) + len(rope_tensors)
 
 
 def write_gguf(model: Any, tokenizer: Any, tokenizer_folder: str | os.PathLike[str], path: str | os.PathLike[str],
@@ -160,45 +124,27 @@ def write_gguf(model: Any, tokenizer: Any, tokenizer_folder: str | os.PathLike[s
         tokenizer (Any): its tokenizer, carrying the chat template to write.
         tokenizer_folder (str | PathLike): where that tokenizer is saved (tokenizer.json).
         path (str | PathLike): the file to write.
-        dtype (str): "f32", "f16" or "bf16" for 2-D weights. Default: "f16"
+        dtype (str): a `GGUF_DTYPES` name for the matrices: f32, f16, bf16, q8_0, q5_1, q5_0, q4_1,
+            q4_0 (the gguf package), or a k-quant such as q4_k_m (llama.cpp's quantizer, from an
+            f16 file written first beside `path`). Default: "f16"
 
     Returns:
         int: tensors written.
 
     Raises:
-        GgufError: the architecture, tokenizer or a tensor has no GGUF form here.
+        GgufError: the architecture, its rope scaling, the tokenizer or a tensor has no GGUF form
+            here, or a k-quant is asked for without llama-cpp-python.
     """
-    import gguf
-
-    if dtype not in GGUF_DTYPES:
-        raise GgufError(f"--gguf-dtype must be one of {', '.join(GGUF_DTYPES)}, not {dtype!r}")
-    config = model.config.to_dict()
-    row = gguf_architecture(config)
-    arch = gguf.MODEL_ARCH[row.gguf_name]
-    blocks = config["num_hidden_layers"]
-    names = gguf.get_tensor_name_map(arch, blocks)
-    kind, file_type = GGUF_DTYPES[dtype]
-    heads, kv_heads = config["num_attention_heads"], config.get("num_key_value_heads") or config["num_attention_heads"]
-
-    writer = gguf.GGUFWriter(os.fspath(path), gguf.MODEL_ARCH_NAMES[arch])
-    writer.add_name(Path(config.get("_name_or_path") or "model").name or "model")
-    writer.add_file_type(gguf.LlamaFileType[file_type])
-    _hyperparameters(writer, config)
-    _tokenizer(writer, tokenizer, Path(tokenizer_folder), config["vocab_size"])
-    written = 0
-    for hf_name, weight in model.state_dict().items():
-        name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
-        if name is None:
-            raise GgufError(f"--gguf: no GGUF name for tensor {hf_name!r} of {config['architectures'][0]}")
-        if row.permute_qk and hf_name.endswith("self_attn.q_proj.weight"):
-            weight = permute_for_llama_rope(weight, heads)
-        elif row.permute_qk and hf_name.endswith("self_attn.k_proj.weight"):
-            weight = permute_for_llama_rope(weight, kv_heads)
-        values, raw = _tensor(weight, kind)
-        writer.add_tensor(name, values, raw_dtype=raw)
-        written += 1
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return written
+    row = gguf_dtype(dtype)
+    path = Path(path)
+    if not row.llama_cpp:
+        return _write_file(model, tokenizer, Path(tokenizer_folder), path, row)
+    source = path.with_name(f"{path.stem}.f16-for-quantize.gguf")
+    try:
+        count = _write_file(model, tokenizer, Path(tokenizer_folder), source, GGUF_DTYPES["f16"])
+        for line in quantize_with_llama_cpp(source, path, row):
+            warnings.warn(TENSOR_FALLBACK(f"--gguf-dtype {dtype}: llama.cpp's quantizer: {line}").as_warning(),
+                          stacklevel=2)
+    finally:
+        source.unlink(missing_ok=True)
+    return count

@@ -394,7 +394,8 @@ def merge_run(run_dir: str | os.PathLike[str], output: str | os.PathLike[str], *
         dtype (str | None): "bf16", "fp16" or "fp32"; None keeps the base model's dtype. Default: None
         gguf (bool): also write the merged model as `model.gguf` (llama.cpp, Ollama), tokenizer and
             chat template inside (`kbitprep.app.export.gguf`). Default: False
-        gguf_dtype (str): "f32", "f16" or "bf16": the GGUF file's 2-D weights. Default: "f16"
+        gguf_dtype (str): the GGUF file's matrices: f32, f16, bf16, q8_0, q5_1, q5_0, q4_1, q4_0, or a
+            k-quant (q4_k_m, q5_k_m, q6_k, ...: llama.cpp's quantizer, needs llama-cpp-python). Default: "f16"
         verify (bool): compare the written folder (and GGUF, where llama-cpp-python is installed)
             with the run's 4-bit base + adapter on the run's first rows; fail past the
             tolerances (`kbitprep.app.export.verify`). Default: False
@@ -419,10 +420,10 @@ def merge_run(run_dir: str | os.PathLike[str], output: str | os.PathLike[str], *
     _check_output(output)
     target = _output_dtype(run, dtype)
     if gguf:
-        from .gguf import GGUF_DTYPES, GgufError, gguf_architecture
+        from .gguf import gguf_architecture
+        from .gguf import gguf_dtype as check_gguf_dtype
 
-        if gguf_dtype not in GGUF_DTYPES:
-            raise GgufError(f"--gguf-dtype must be one of {', '.join(GGUF_DTYPES)}, not {gguf_dtype!r}")
+        check_gguf_dtype(gguf_dtype)  # a k-quant without llama-cpp-python is refused before the load
         gguf_architecture(check_model_folder(run.model))  # an unsupported one costs no load
     tokenizer = run_tokenizer(run)
     model: Any = rewritten_base(load_quantized_model(run.model, run.settings["quantize"],
