@@ -106,7 +106,7 @@ def test_each_format_reads_the_same_rows_from_each_container(tmp_path: Path, fmt
 
 
 def test_the_formats_table_is_in_the_documented_order_and_alpaca_wins_over_its_text_column() -> None:
-    assert [f.name for f in FORMATS] == ["messages", "sharegpt", "alpaca", "text", "prompt-completion"]
+    assert [f.name for f in FORMATS] == ["preference", "messages", "sharegpt", "alpaca", "text", "prompt-completion"]
     rendered = {"instruction": "say abc", "output": "abc", "text": "### say abc ### abc"}
     assert row_from_record(rendered, 1, "d:1") == Row(1, "say abc", "abc")  # the output alone is trained
     assert row_from_record(rendered, 1, "d:1", "text") == Row(1, "", "### say abc ### abc")
@@ -117,8 +117,8 @@ def test_a_row_of_no_format_names_its_keys_and_the_formats_accepted(tmp_path: Pa
     with pytest.raises(DataError) as error:
         read_data(path)
     assert str(error.value) == (
-        f"{path}:1: the row matches no data format (its keys: answer, question); kbitprep reads messages (messages); "
-        "sharegpt (conversations); alpaca (instruction, output); text (text); prompt-completion (prompt, completion)")
+        f"{path}:1: the row matches no data format (its keys: answer, question); kbitprep reads preference (prompt, "
+        "chosen, rejected); messages (messages); sharegpt (conversations); alpaca (instruction, output); text (text); prompt-completion (prompt, completion)")
 
 
 def test_a_data_format_that_contradicts_the_rows_says_which_format_they_are(tmp_path: Path) -> None:

@@ -47,6 +47,7 @@ FILE_VALUES = {
     "fsdp": True, "resume": True, "overwrite": False, "samples": ["a", "b c"], "max_new_tokens": 3,
     "chat_template": "t.jinja", "data_format": "alpaca", "pack": True, "eval_data": None, "eval_fraction": 0.2,
     "eval_steps": 3, "report_to": "tensorboard", "optim": "adamw_bnb_8bit",
+    "method": "dpo", "beta": 0.2, "orpo_lambda": 0.3,
 }
 FILE_VALUES |= {"lora_variant": "dora", "rslora": True, "init_lora_weights": "olora", "loraplus_lr_ratio": 16.0}
 

@@ -39,6 +39,7 @@ BAD_VALUES = {
     "eval_steps": (0, "0"), "loss": ("fused", "fused"), "compute_dtype": ("fp8", "fp8"),
     "lr_scheduler": ("step", "step"), "warmup_ratio": (1.0, "1"), "warmup_steps": (-1, "-1"),
     "data_format": ("xml", "xml"), "report_to": ("wandb", "wandb"), "optim": ("sgd", "sgd"),
+    "method": ("ppo", "ppo"), "beta": (0.0, "0"), "orpo_lambda": (-0.1, "-0.1"),
 }
 # the adapter variants
 BAD_VALUES |= {"lora_variant": ("vera", "vera"), "init_lora_weights": ("eva", "eva"),
@@ -90,7 +91,8 @@ def test_every_cli_option_parses_a_non_default_value_into_the_settings() -> None
             "--loss", "full", "--save-steps", "9", "--fsdp", "--resume", "--sample", "a", "--sample", "b c",
             "--chat-template", "chat.jinja", "--pack", "--eval-fraction", "0.1", "--eval-steps", "5",
             "--lr-scheduler", "cosine", "--warmup-ratio", "0.1", "--data-format", "alpaca",
-            "--report-to", "tensorboard", "--optim", "adamw_bnb_8bit"]
+            "--report-to", "tensorboard", "--optim", "adamw_bnb_8bit", "--method", "orpo", "--beta", "0.2",
+            "--orpo-lambda", "0.3"]
     argv += ["--lora-variant", "dora", "--rslora", "--init-lora-weights", "olora", "--loraplus-lr-ratio", "16"]
     parsed = FinetuneSettings.from_args(finetune_parser().parse_args(argv))
     expected = FinetuneSettings("models/tiny", "train.jsonl", "runs/tiny", quantize="int8", upcast="all",
@@ -99,7 +101,8 @@ def test_every_cli_option_parses_a_non_default_value_into_the_settings() -> None
                                 seq_len=64, seed=5, loss="full", save_steps=9, fsdp=True, resume=True,
                                 samples=("a", "b c"), chat_template="chat.jinja", pack=True, eval_fraction=0.1,
                                 eval_steps=5, lr_scheduler="cosine", warmup_ratio=0.1, data_format="alpaca",
-                                report_to="tensorboard", optim="adamw_bnb_8bit")
+                                report_to="tensorboard", optim="adamw_bnb_8bit", method="orpo", beta=0.2,
+                                orpo_lambda=0.3)
     expected = dataclasses.replace(expected, lora_variant="dora", rslora=True, init_lora_weights="olora",
                                    loraplus_lr_ratio=16.0)
     assert parsed == expected
@@ -147,6 +150,7 @@ OTHER_VALUES = {
     "eval_data": "e.jsonl", "eval_fraction": 0.2, "eval_steps": 3, "loss": "full",
     "compute_dtype": "float32", "lr_scheduler": "cosine", "warmup_ratio": 0.1, "warmup_steps": 5,
     "data_format": "alpaca", "report_to": "tensorboard", "optim": "adamw_bnb_8bit",
+    "method": "dpo", "beta": 0.5, "orpo_lambda": 0.2,
 }
 OTHER_VALUES |= {"lora_variant": "dora", "rslora": True, "init_lora_weights": "olora", "loraplus_lr_ratio": 16.0}
 

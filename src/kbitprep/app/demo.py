@@ -24,12 +24,15 @@ from .data.jsonl import read_jsonl
 from .runs.folder import BASE_MODEL_DIR, atomic_directory
 from .training.run import FinetuneObserver, FinetuneReport, FinetuneSettings, run_pipeline
 
-__all__ = ["DEMO_CHAT_DATA", "DEMO_DATA", "DEMO_MODEL", "build_tiny_model", "demo_settings", "run_demo"]
+__all__ = ["DEMO_CHAT_DATA", "DEMO_DATA", "DEMO_MODEL", "DEMO_PREFERENCE_DATA", "build_tiny_model", "demo_settings",
+           "run_demo"]
 
 _PACKAGE_DATA = resources.files("kbitprep") / "data"
 DEMO_MODEL = _PACKAGE_DATA / "tiny-llama"  # config.json, tokenizer.json, tokenizer_config.json
 DEMO_DATA = _PACKAGE_DATA / "demo.jsonl"
 DEMO_CHAT_DATA = _PACKAGE_DATA / "demo-chat.jsonl"  # the same task as conversations, for the chat template
+# The same task as preference pairs: the run continued (chosen) or walked backwards (rejected), for --method dpo|orpo.
+DEMO_PREFERENCE_DATA = _PACKAGE_DATA / "demo-preference.jsonl"
 DEMO_STEPS = 120
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 
@@ -60,12 +63,16 @@ def _base_model(run: Path) -> None:
 
 
 def demo_settings(output: str | os.PathLike[str], *, max_steps: int = DEMO_STEPS,
-                  overwrite: bool = False, resume: bool = False) -> FinetuneSettings:
-    """The demo's settings: a learning rate and batch that make the tiny model learn in ~100 steps."""
+                  overwrite: bool = False, resume: bool = False, method: str = "sft") -> FinetuneSettings:
+    """The demo's settings: a learning rate and batch that make the tiny model learn in ~100 steps.
+
+    A preference `method` ("dpo", "orpo") trains on the demo's preference pairs.
+    """
     output = Path(output).absolute()
     return FinetuneSettings(
         model=str(output / BASE_MODEL_DIR),
-        data=str(DEMO_DATA),
+        data=str(DEMO_DATA if method == "sft" else DEMO_PREFERENCE_DATA),
+        method=method,
         output=str(output),
         quantize="nf4",
         lora_r=8,
@@ -85,8 +92,9 @@ def demo_settings(output: str | os.PathLike[str], *, max_steps: int = DEMO_STEPS
 
 
 def run_demo(output: str | os.PathLike[str], *, max_steps: int = DEMO_STEPS, overwrite: bool = False,
-             resume: bool = False, observer: FinetuneObserver | None = None) -> FinetuneReport:
-    """Build the tiny model into `output/base-model`, then fine-tune it as `kbitprep finetune` would.
+             resume: bool = False, observer: FinetuneObserver | None = None, method: str = "sft") -> FinetuneReport:
+    """Build the tiny model into `output/base-model`, then fine-tune it as `kbitprep finetune` would
+    (with a preference `method`, on the demo's preference pairs).
 
     Raises:
         RunFolderError: `output` holds a finished run and `overwrite` is False, or an
@@ -99,9 +107,10 @@ def run_demo(output: str | os.PathLike[str], *, max_steps: int = DEMO_STEPS, ove
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        with resources.as_file(DEMO_DATA) as data_file:  # a real file even if the package is zipped
+        data = DEMO_DATA if method == "sft" else DEMO_PREFERENCE_DATA
+        with resources.as_file(data) as data_file:  # a real file even if the package is zipped
             settings = dataclasses.replace(demo_settings(output, max_steps=max_steps, overwrite=overwrite,
-                                                         resume=resume), data=str(data_file))
+                                                         resume=resume, method=method), data=str(data_file))
             return run_pipeline(settings, read_jsonl(data_file), observer, setup=_base_model,
                                 makes=(BASE_MODEL_DIR,))
     finally:

@@ -18,7 +18,7 @@ def add_parser(commands: argparse._SubParsersAction) -> argparse.ArgumentParser:
     parser = commands.add_parser("demo", help=HELP, description=HELP[0].upper() + HELP[1:] + ": build a tiny Llama, "
                                  "load it in 4-bit NF4, prepare it, attach LoRA, train, and write the results.")
     # The demo shares these options with `finetune`, with its own defaults.
-    add_arguments(parser, ("output", "overwrite", "resume", "max_steps"),
+    add_arguments(parser, ("output", "overwrite", "resume", "max_steps", "method"),
                   defaults={"output": DEFAULT_OUTPUT, "max_steps": DEMO_STEPS}, groups=False)
     return parser
 
@@ -31,6 +31,6 @@ def run(args: argparse.Namespace, console: Console) -> int:
                   "trained to continue the alphabet and the digits", highlight=False)
     with RichObserver(console) as observer:
         report = run_demo(args.output, max_steps=args.max_steps, overwrite=args.overwrite, resume=args.resume,
-                          observer=observer)
+                          observer=observer, method=args.method)
     render_finetune_report(console, report, title="demo finished")
     return 0

@@ -39,12 +39,16 @@ The package, by concern::
     chunks       the chunk loop and its autograd Function
     plan         LossPlan, plan_loss, and the sizing constants CHUNK_LOGITS, AMORTIZE_TOKENS, WEIGHT_PIECE
     causal_lm    causal_lm_loss
+    log_probs    label_log_probs: log p(label) per position, for the preference losses
+    preference   preference_loss: DPO and ORPO (PREFERENCE_METHODS), DPO's reference the adapter switched off
     trainer      ChunkedLossMixin
 """
 
 from .causal_lm import causal_lm_loss
 from .common import BACKWARD_CHOICES, IGNORE_INDEX, LOSS_CHOICES, LossInputError
+from .log_probs import label_log_probs
 from .plan import AMORTIZE_TOKENS, CHUNK_LOGITS, WEIGHT_PIECE, LossPlan, plan_loss
+from .preference import METHOD_CHOICES, PREFERENCE_METHODS, REWARD_KEYS, PreferenceResult, preference_loss
 from .trainer import ChunkedLossMixin
 from .transforms import LOGIT_TRANSFORMS, LogitTransform
 
@@ -57,11 +61,17 @@ __all__ = [
     "IGNORE_INDEX",
     "LOGIT_TRANSFORMS",
     "LOSS_CHOICES",
+    "METHOD_CHOICES",
+    "PREFERENCE_METHODS",
+    "REWARD_KEYS",
     "WEIGHT_PIECE",
     "ChunkedLossMixin",
     "LogitTransform",
     "LossInputError",
     "LossPlan",
+    "PreferenceResult",
     "causal_lm_loss",
+    "label_log_probs",
     "plan_loss",
+    "preference_loss",
 ]

@@ -83,14 +83,11 @@ def _selected(hidden: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor
     return hidden.reshape(-1, hidden.shape[-1]).index_select(0, index), flat.index_select(0, index)
 
 
-def _chunked_value(resolved: _Resolved, hidden: torch.Tensor, targets: torch.Tensor,
-                   num_items_in_batch: torch.Tensor | int | None) -> torch.Tensor:
+def _chunk_inputs(resolved: _Resolved, selected: torch.Tensor, wanted: torch.Tensor,
+                  scale: float) -> tuple[_Run, _Tensors]:
+    """The chunk loop's fixed parts and differentiated tensors for the selected positions (N, H) and targets (N,)."""
     plan, parts = resolved.plan, resolved.parts
     assert parts is not None  # a chunked plan always has its parts
-    selected, wanted = _selected(hidden, targets)
-    _check_targets(wanted, plan.vocab_size)
-    denominator = _denominator(wanted, num_items_in_batch)
-    scale = 1.0 / denominator if denominator else math.nan
     tensors = _Tensors(
         parts.weight, parts.bias,
         downs=[adapter.down(selected.to(adapter.dtype)) for adapter in parts.adapters],
@@ -100,7 +97,16 @@ def _chunked_value(resolved: _Resolved, hidden: torch.Tensor, targets: torch.Ten
     )
     run = _Run(parts, resolved.transform, wanted, scale, plan.chunk_tokens, plan.weight_rows or plan.head_rows,
                getattr(torch, plan.compute_dtype) if parts.weight is not None else None)
-    return _ChunkedLoss.apply(run, plan.backward == "fused", selected, *tensors.flat())
+    return run, tensors
+
+
+def _chunked_value(resolved: _Resolved, hidden: torch.Tensor, targets: torch.Tensor,
+                   num_items_in_batch: torch.Tensor | int | None) -> torch.Tensor:
+    selected, wanted = _selected(hidden, targets)
+    _check_targets(wanted, resolved.plan.vocab_size)
+    denominator = _denominator(wanted, num_items_in_batch)
+    run, tensors = _chunk_inputs(resolved, selected, wanted, 1.0 / denominator if denominator else math.nan)
+    return _ChunkedLoss.apply(run, resolved.plan.backward == "fused", selected, *tensors.flat())
 
 
 def _router_loss(outputs: Any, lm: nn.Module) -> torch.Tensor | float:

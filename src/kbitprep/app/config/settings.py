@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from ...errors import KbitPrepError
-from ...loss import LOSS_CHOICES
+from ...loss import LOSS_CHOICES, METHOD_CHOICES
 from ...plan import UPCAST_POLICIES
 from ...sizing import QUANTIZE_AUTO, QUANTIZE_CHOICES
 from ..data.formats import DATA_FORMAT_CHOICES
@@ -98,6 +98,8 @@ SHARDED_LIMITS = (
                                             if method.rewrites_base or method.loftq), "initialise with",
                  "it reads or rewrites each adapted layer's whole base weight, which FSDP holds in shards",
                  "pass --init-lora-weights default"),
+    ShardedLimit("method", ("dpo", "orpo"), "train with", "the sharded loop computes the next-token loss only; "
+                 "the preference losses run in one process or under DDP", "drop --fsdp, or pass --method sft"),
 )
 
 
@@ -249,6 +251,14 @@ class FinetuneSettings:
     loss: str = setting("chunked", help="'chunked' computes the LM head and cross-entropy in chunks and never "
                         "holds the full logits; 'full' is transformers' own loss", choices=LOSS_CHOICES,
                         group=_TRAINING)
+    method: str = setting("sft", help="'sft' trains on demonstrations (the next-token loss); 'dpo' and 'orpo' "
+                          "on preference pairs (prompt, chosen, rejected rows)", choices=METHOD_CHOICES,
+                          group=_TRAINING, resume=True)
+    beta: float = setting(0.1, help="--method dpo: how far the adapter may move from the base (DPO's beta, "
+                          "as in the paper and TRL)", bound=POSITIVE, metavar="B", group=_TRAINING, resume=True)
+    orpo_lambda: float = setting(0.1, help="--method orpo: the weight of the odds-ratio term beside the "
+                                 "chosen completion's NLL (ORPO's lambda, TRL's beta)", bound=POSITIVE,
+                                 metavar="L", group=_TRAINING, resume=True)
     save_steps: int = setting(50, help="save a checkpoint every N steps", bound=at_least(1), metavar="N",
                               group=_TRAINING)
     fsdp: bool = setting(False, help="shard the 4-bit base across the torchrun processes with PyTorch's FSDP2 "
@@ -290,6 +300,9 @@ class FinetuneSettings:
                      and getattr(self, s.name) is not None]
             if len(given) > 1:  # the parser refuses them together; the library and a run file must too
                 raise FinetuneError(f"{' and '.join(given)} cannot be given together; pass one")
+        if self.pack and self.method != "sft":
+            raise FinetuneError(f"--pack cannot be used with --method {self.method}: a preference pair is scored as "
+                                "two whole sequences; drop --pack")
         if self.eval_steps is not None and self.eval_data is None and self.eval_fraction is None:
             raise FinetuneError("--eval-steps needs rows to evaluate on: pass --eval-data FILE or --eval-fraction F")
 

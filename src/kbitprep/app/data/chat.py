@@ -98,8 +98,10 @@ def _render(tokenizer: Any, messages: list[Mapping[str, Any]], *, generation_pro
     return text
 
 
-def assistant_spans(messages: Sequence[Mapping[str, Any]], tokenizer: Any, where: str) -> tuple[str, list[range]]:
-    """The rendered conversation and the character ranges of each assistant turn (content + end of turn).
+def assistant_spans(messages: Sequence[Mapping[str, Any]], tokenizer: Any, where: str,
+                    context_turns: int = 0) -> tuple[str, list[range]]:
+    """The rendered conversation and the character ranges of each assistant turn (content + end of turn)
+    after the first `context_turns` messages (a preference row's prompt: context, never trained).
 
     Raises:
         DataError: the template fails on the row, or does not render it incrementally.
@@ -109,7 +111,7 @@ def assistant_spans(messages: Sequence[Mapping[str, Any]], tokenizer: Any, where
         full = _render(tokenizer, messages, generation_prompt=False)
         spans = []
         for k, message in enumerate(messages):
-            if message["role"] != "assistant":
+            if message["role"] != "assistant" or k < context_turns:
                 continue
             before = _render(tokenizer, messages[:k], generation_prompt=True)
             after = _render(tokenizer, messages[:k + 1], generation_prompt=False)
@@ -147,11 +149,12 @@ def _token_pieces(text: str, spans: list[range], tokenizer: Any) -> tuple[list[i
 
 
 def tokenize_conversation(messages: Sequence[Mapping[str, Any]], tokenizer: Any, where: str,
-                          ) -> tuple[list[int], list[int]]:
-    """Token ids and labels of one conversation: labels are the ids on assistant turns, -100 elsewhere.
+                          context_turns: int = 0) -> tuple[list[int], list[int]]:
+    """Token ids and labels of one conversation: labels are the ids on assistant turns (after the first
+    `context_turns` messages), -100 elsewhere.
 
     The template writes any beginning-of-sequence token itself, so none is added here.
     """
-    text, spans = assistant_spans(messages, tokenizer, where)
+    text, spans = assistant_spans(messages, tokenizer, where, context_turns)
     ids, trained = _token_pieces(text, spans, tokenizer)
     return ids, [token if keep else IGNORE_INDEX for token, keep in zip(ids, trained, strict=True)]

@@ -2,6 +2,7 @@
 
 A row's format is recognised from its keys, first match wins, in this order::
 
+    preference          {"prompt", "chosen", "rejected"}              -> a preference row (DPO, ORPO)
     messages            {"messages": [{"role", "content"}, ...]}      -> a messages row (chat template)
     sharegpt            {"conversations": [{"from", "value"}, ...]}   -> a messages row
     alpaca              {"instruction", "input"?, "output"}           -> a prompt/completion row
@@ -15,6 +16,13 @@ it has a non-empty input, and the completion `output`, so only the output is tra
 ShareGPT turns are mapped to chat messages with `SHAREGPT_ROLES` (human/user -> user,
 gpt/assistant/chatgpt/bard/model -> assistant, system -> system) and rendered with the
 chat template like any messages row: the assistant turns are trained.
+
+A preference row holds text (prompt, chosen and rejected strings) or, in the conversational
+form TRL reads, chat messages: the prompt a list of turns, chosen and rejected each a list
+holding the assistant's answer. Its chosen and rejected sides become two rows sharing the
+prompt (`Row.rejected`); in the conversational form the prompt's turns are context only
+(`Row.context_turns`), so only the answer is scored. It comes first: no other format has
+"chosen" or "rejected", and a preference file often carries other columns.
 
 `--data-format NAME` skips the recognition: every row must then have that format's keys.
 A row that matches no format (or not the one asked for) is an error naming its keys and
@@ -123,12 +131,60 @@ def _sharegpt_row(record: Mapping[str, Any], line: int, where: str) -> Row:
     return messages_row(messages, line, where)
 
 
+_PREFERENCE_KEYS = ("prompt", "chosen", "rejected")
+
+
+def _turns(value: Any, key: str, where: str) -> tuple[dict[str, Any], ...]:
+    """A preference row's list of chat turns, each a role and a content string."""
+    if not isinstance(value, list) or not value:
+        raise DataError(f"{where}: \"{key}\" must be a string or a non-empty list of {{\"role\": ..., "
+                        f"\"content\": ...}} turns, not {type(value).__name__ if value != [] else 'an empty list'}")
+    for index, turn in enumerate(value):
+        if not isinstance(turn, Mapping):
+            raise DataError(f"{where}: {key}[{index}] must be an object with \"role\" and \"content\", "
+                            f"not {type(turn).__name__}")
+        for field in ("role", "content"):
+            _string(turn, field, f"{where}: {key}[{index}]")
+    return tuple(dict(turn) for turn in value)
+
+
+def _preference_row(record: Mapping[str, Any], line: int, where: str) -> Row:
+    missing = [key for key in _PREFERENCE_KEYS if key not in record]
+    if missing:
+        keys = ", ".join(sorted(map(str, record)))
+        raise DataError(f"{where}: a preference row needs the keys prompt, chosen and rejected, but has: {keys} "
+                        f"(missing: {', '.join(missing)}); add them, or use another format's keys")
+    values = {key: record[key] for key in _PREFERENCE_KEYS}
+    if all(isinstance(value, str) for value in values.values()):
+        for key in ("chosen", "rejected"):
+            if not values[key]:
+                raise DataError(f"{where}: \"{key}\" is empty, so the pair has nothing to compare")
+        return Row(line, values["prompt"], values["chosen"],
+                   rejected=Row(line, values["prompt"], values["rejected"]))
+    if any(isinstance(value, str) for value in values.values()):
+        kinds = ", ".join(f"{key}: {'text' if isinstance(value, str) else type(value).__name__}"
+                          for key, value in values.items())
+        raise DataError(f"{where}: prompt, chosen and rejected must be all text or all lists of chat turns "
+                        f"({kinds})")
+    prompt = _turns(values["prompt"], "prompt", where)
+    sides = []
+    for key in ("chosen", "rejected"):
+        turns = _turns(values[key], key, where)
+        if not any(turn["role"] == "assistant" and turn["content"] for turn in turns):
+            raise DataError(f"{where}: \"{key}\" has no \"assistant\" turn with content, so the pair has "
+                            "nothing to compare")
+        sides.append(Row(line, messages=prompt + turns, context_turns=len(prompt)))
+    return dataclasses.replace(sides[0], rejected=sides[1])
+
+
 def _has(*keys: str) -> Callable[[Mapping[str, Any]], bool]:
     return lambda record: all(key in record for key in keys)
 
 
 # First match wins; see the module docstring for why the order is this one.
 FORMATS: tuple[DataFormat, ...] = (
+    DataFormat("preference", _PREFERENCE_KEYS, lambda record: "chosen" in record or "rejected" in record,
+               _preference_row),
     DataFormat("messages", ("messages",), _has("messages"),
                lambda record, line, where: messages_row(record["messages"], line, where)),
     DataFormat("sharegpt", ("conversations",), _has("conversations"), _sharegpt_row),
@@ -163,15 +219,21 @@ def row_from_record(record: Any, line: int, where: str, data_format: str = "auto
     return _valid_text(_row_of_format(record, line, where, data_format), where)
 
 
+def _texts(row: Row) -> list[tuple[str, str]]:
+    """Each text of a row (a preference row's rejected side too), by the name a message gives it."""
+    texts = [("prompt", row.prompt), ("completion", row.completion),
+             *((f"messages[{index}] content", turn["content"]) for index, turn in enumerate(row.messages))]
+    return texts + [(f"rejected side's {name}", text) for name, text in _texts(row.rejected)] if row.rejected \
+        else texts
+
+
 def _valid_text(row: Row, where: str) -> Row:
     """Refuse a row whose text cannot be encoded (a lone surrogate from a JSON `"\\ud800"` escape).
 
     Python's JSON reader accepts unpaired `\\uD800`-`\\uDFFF` escapes; the tokenizer then fails
     deep inside its Rust code with no row number, so the row is named here.
     """
-    texts = [("prompt", row.prompt), ("completion", row.completion),
-             *((f"messages[{index}] content", turn["content"]) for index, turn in enumerate(row.messages))]
-    for name, text in texts:
+    for name, text in _texts(row):
         try:
             text.encode("utf-8")
         except UnicodeEncodeError as error:

@@ -46,17 +46,28 @@ class Row:
         completion (str): the text that is trained (the whole `text` of a `text` row).
         messages (tuple[dict, ...]): the turns of a `messages` row (each with a "role" and a
             "content" string); empty for the other kinds. Default: ()
+        context_turns (int): leading `messages` that are context only: none of their assistant
+            turns is trained (a preference row's prompt). Default: 0
+        rejected (Row | None): a preference row: this row is its prompt with the chosen
+            completion, `rejected` the same prompt with the rejected one. Default: None
     """
 
     line: int
     prompt: str = ""
     completion: str = ""
     messages: tuple[dict[str, Any], ...] = ()
+    context_turns: int = 0
+    rejected: Row | None = None
 
     @property
     def kind(self) -> str:
-        """"messages", "prompt" (prompt and completion) or "text"."""
+        """"messages", "prompt" (prompt and completion) or "text"; a preference row's is its chosen side's."""
         return "messages" if self.messages else "prompt" if self.prompt else "text"
+
+    @property
+    def preference(self) -> bool:
+        """A pair of completions to prefer one of (DPO, ORPO), not one to imitate."""
+        return self.rejected is not None
 
 
 def messages_row(value: Any, line: int, where: str) -> Row:
@@ -91,3 +102,8 @@ def check_one_kind(rows: Sequence[Row], path: str) -> None:
             raise DataError(f"{path}:{row.line}: a \"{row.kind}\" row, but line {rows[0].line} is a "
                             f"\"{rows[0].kind}\" row; one file holds either \"messages\" rows or "
                             "\"text\"/\"prompt\" rows. Split it into two files")
+        if row.preference != rows[0].preference:
+            which = {True: "a preference (prompt/chosen/rejected)", False: "a demonstration"}
+            raise DataError(f"{path}:{row.line}: {which[row.preference]} row, but line {rows[0].line} is "
+                            f"{which[rows[0].preference]} row; one file holds one or the other. Split it into two "
+                            "files")

@@ -15,7 +15,10 @@ from typing import Any
 from .chat import check_chat_template, tokenize_conversation
 from .rows import IGNORE_INDEX, DataError, Row
 
-__all__ = ["CausalLMCollator", "TokenizedData", "character_limit", "check_token_ids", "row_tokens", "tokenize_rows"]
+__all__ = ["REJECTED", "CausalLMCollator", "PreferenceCollator", "TokenizedData", "character_limit",
+           "check_token_ids", "row_tokens", "tokenize_rows"]
+
+REJECTED = "rejected_"  # a preference example's keys for its rejected side: rejected_input_ids, rejected_labels
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,15 +80,19 @@ def tokenize_rows(rows: Sequence[Row], tokenizer: Any, seq_len: int, *, source: 
     limit = character_limit(tokenizer, seq_len)
     examples, truncated, dropped, lengths = [], 0, [], []
     for row in rows:
-        ids, labels = row_tokens(row, tokenizer, f"{source}:{row.line}", limit)
-        lengths.append(len(ids))
-        truncated += len(ids) > seq_len
-        ids, labels = ids[:seq_len], labels[:seq_len]
+        sides = [row] if row.rejected is None else [row, row.rejected]
+        tokens = [row_tokens(side, tokenizer, f"{source}:{row.line}", limit) for side in sides]
+        lengths.append(max(len(ids) for ids, _ in tokens))  # a pair: its longer side
+        truncated += any(len(ids) > seq_len for ids, _ in tokens)
+        tokens = [(ids[:seq_len], labels[:seq_len]) for ids, labels in tokens]
         # The first position is never a target (nothing comes before it), so it does not count.
-        if all(label == IGNORE_INDEX for label in labels[1:]):
+        if any(all(label == IGNORE_INDEX for label in labels[1:]) for _, labels in tokens):
             dropped.append(row.line)
             continue
-        examples.append({"input_ids": ids, "labels": labels})
+        example = {"input_ids": tokens[0][0], "labels": tokens[0][1]}
+        if row.rejected is not None:  # a preference pair: the rejected side beside the chosen one
+            example |= {REJECTED + "input_ids": tokens[1][0], REJECTED + "labels": tokens[1][1]}
+        examples.append(example)
     if not examples:
         what = "an assistant token" if rows and rows[0].kind == "messages" else "a completion token"
         raise DataError(f"{source}: no row has {what} within --seq-len {seq_len}; "
@@ -105,7 +112,7 @@ def row_tokens(row: Row, tokenizer: Any, where: str, limit: int | None = None) -
             Default: None
     """
     if row.kind == "messages":
-        return tokenize_conversation(row.messages, tokenizer, where)
+        return tokenize_conversation(row.messages, tokenizer, where, row.context_turns)
     return _plain_tokens(row, tokenizer, _special_id(tokenizer, "bos"), _special_id(tokenizer, "eos"), limit)
 
 
@@ -157,7 +164,8 @@ def check_token_ids(data: TokenizedData, vocab_size: int, *, tokenizer_source: s
     Raises:
         DataError: names the largest id and the vocabulary size.
     """
-    largest = max([pad_token_id, *(max(example["input_ids"]) for example in data.examples)])
+    largest = max([pad_token_id, *(max(example[key]) for example in data.examples
+                                   for key in ("input_ids", REJECTED + "input_ids") if key in example)])
     if largest >= vocab_size:
         raise DataError(f"{tokenizer_source}: the tokenizer gives token id {largest}, but the model's vocabulary "
                         f"has {vocab_size} entries (config.json vocab_size): the tokenizer belongs to another model. "
@@ -192,3 +200,20 @@ class CausalLMCollator:
         else:
             batch["attention_mask"] = torch.tensor([[1] * len(e["input_ids"]) + [0] * n for e, n in padded])
         return batch
+
+
+class PreferenceCollator:
+    """Pads preference pairs into one batch: the chosen sequences in the first half of the rows, the rejected
+    ones in the second, in the same order (what `kbitprep.loss.preference_loss` reads).
+
+    One forward pass then scores both sides, as TRL's trainers concatenate them.
+    """
+
+    def __init__(self, pad_token_id: int) -> None:
+        self.pad = CausalLMCollator(pad_token_id)
+
+    def __call__(self, examples: Iterable[dict[str, list[int]]]) -> dict[str, Any]:
+        examples = list(examples)
+        rejected = [{"input_ids": e[REJECTED + "input_ids"], "labels": e[REJECTED + "labels"]} for e in examples]
+        chosen = [{"input_ids": e["input_ids"], "labels": e["labels"]} for e in examples]
+        return self.pad(chosen + rejected)

@@ -29,7 +29,9 @@ class FinetuneReport:
         loss (dict): how the loss was computed (`LossPlan.to_dict()`: "chunked" or "full", and the
             reason when the chunked loss could not be used) and the measured peak memory.
         data (dict): rows read, examples kept, rows truncated or dropped.
-        loss_history (list[dict]): one entry per optimizer step: step, loss, learning_rate.
+        loss_history (list[dict]): one entry per optimizer step: step, loss, learning_rate, grad_norm;
+            a preference run (settings' "method" dpo or orpo) adds its rewards (`REWARD_KEYS`: the
+            chosen and rejected completions' mean rewards, their margin, how often chosen wins).
         batch_loss_before (float): loss on the first batch (file order) before training.
         batch_loss_after (float): the same batch after training; the saved adapter reproduces it.
         samples (list[dict]): prompt, completion before, completion after.
@@ -82,7 +84,10 @@ def read_report(output: str | os.PathLike[str]) -> dict[str, Any]:
 
 
 def loss_history(log_history: Sequence[dict[str, Any]]) -> list[dict[str, float]]:
-    """One entry per optimizer step (step, loss, learning_rate, grad_norm) from a step loop's log."""
+    """One entry per optimizer step (step, loss, learning_rate, grad_norm, and a preference run's rewards)
+    from a step loop's log."""
+    from ...loss.preference import REWARD_KEYS
+
     history: dict[int, dict[str, float]] = {}
     for entry in log_history:
         if "loss" in entry and "step" in entry:
@@ -90,6 +95,7 @@ def loss_history(log_history: Sequence[dict[str, Any]]) -> list[dict[str, float]
                                            "learning_rate": float(entry.get("learning_rate", 0.0))}
             if entry.get("grad_norm") is not None:  # the norm before clipping, as both step loops log it
                 history[int(entry["step"])]["grad_norm"] = float(entry["grad_norm"])
+            history[int(entry["step"])] |= {key: float(entry[key]) for key in REWARD_KEYS if key in entry}
     return [history[step] for step in sorted(history)]
 
 

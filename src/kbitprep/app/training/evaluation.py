@@ -8,6 +8,10 @@ optimizer steps, and after the last, the model computes its loss on all of them:
                                                             whatever the batch it falls in)
     perplexity = exp(eval loss)
 
+A preference run (--method dpo|orpo) evaluates its pairs: the eval loss is the method's
+loss (mean over pairs) and the rewards are logged beside it (eval_rewards/...); the
+perplexity is the chosen completions'.
+
 Each batch goes through `kbitprep.loss.causal_lm_loss`, the memory-lean loss training
 uses: only positions with a label reach the LM head, in chunks, so no (tokens x
 vocabulary) logits tensor of a batch, let alone of the eval set, ever exists. `Evaluation`
@@ -24,13 +28,14 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, cast
 
 from ..data.rows import IGNORE_INDEX, DataError, Row
-from ..data.tokenize import CausalLMCollator, TokenizedData
+from ..data.tokenize import CausalLMCollator, PreferenceCollator, TokenizedData
 from .hooks import EVAL_LOSS, EVAL_PERPLEXITY, StepHook, StepState
 
 if TYPE_CHECKING:
     from torch import nn
 
-__all__ = ["EVAL_LOSS", "EVAL_PERPLEXITY", "Evaluation", "eval_every", "eval_history", "evaluate", "hold_out"]
+__all__ = ["EVAL_LOSS", "EVAL_PERPLEXITY", "Evaluation", "eval_every", "eval_history", "evaluate",
+           "evaluate_preference", "hold_out"]
 
 _EVALUATIONS = 10  # without --eval-steps: this many evaluations over the run
 
@@ -95,10 +100,53 @@ def evaluate(model: nn.Module, data: TokenizedData, batch_size: int, pad_token_i
     return mean, math.exp(min(mean, 700.0))  # exp(>709) overflows a float: an untrained model's perplexity
 
 
+def evaluate_preference(model: nn.Module, data: TokenizedData, batch_size: int, pad_token_id: int, method: str,
+                        strength: float, *, loss: str = "chunked") -> dict[str, float]:
+    """A preference method's loss and rewards on `data`'s pairs, each the mean over pairs, without gradients.
+
+    Args:
+        model (nn.Module): the peft-wrapped causal LM.
+        data (TokenizedData): preference pairs, tokenized as the training pairs are.
+        batch_size (int): pairs per forward pass.
+        pad_token_id (int): the padding id.
+        method (str): "dpo" or "orpo".
+        strength (float): DPO's beta, or ORPO's lambda.
+        loss (str): "chunked" or "full". Default: "chunked"
+
+    Returns:
+        dict[str, float]: `EVAL_LOSS` and "eval_" + each of `REWARD_KEYS`.
+    """
+    import torch
+
+    from ...loss import REWARD_KEYS, preference_loss
+
+    collate = PreferenceCollator(pad_token_id)
+    device = next(p.device for p in model.parameters())
+    sums = dict.fromkeys((EVAL_LOSS, *(f"eval_{key}" for key in REWARD_KEYS)), 0.0)
+    was_training = model.training
+    model.eval()
+    try:
+        for start in range(0, len(data), batch_size):
+            examples = data.examples[start:start + batch_size]
+            batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in collate(examples).items()}
+            with torch.no_grad():
+                result = preference_loss(model, batch, method, strength, loss=loss)
+            figures = {EVAL_LOSS: float(result.loss), **{f"eval_{k}": v for k, v in result.metrics().items()}}
+            for key, value in figures.items():  # weighted by pairs: every pair counts the same
+                sums[key] += value * len(examples)
+    finally:
+        model.train(was_training)
+    return {key: value / len(data) for key, value in sums.items()}
+
+
 def eval_history(log_history: Sequence[dict[str, Any]]) -> list[dict[str, float]]:
-    """One entry per evaluation (step, loss, perplexity) from the Trainer's log history."""
+    """One entry per evaluation (step, loss, perplexity; a preference run's rewards) from the loop's log."""
+    from ...loss import REWARD_KEYS
+
     history = {int(entry["step"]): {"step": int(entry["step"]), "loss": float(entry[EVAL_LOSS]),
-                                    "perplexity": float(entry[EVAL_PERPLEXITY])}
+                                    "perplexity": float(entry[EVAL_PERPLEXITY]),
+                                    **{key: float(entry[f"eval_{key}"]) for key in REWARD_KEYS
+                                       if f"eval_{key}" in entry}}
                for entry in log_history if EVAL_LOSS in entry and "step" in entry}
     return [history[step] for step in sorted(history)]
 
@@ -116,16 +164,24 @@ class Evaluation(StepHook):
         pad_token_id (int): the padding id.
         eval_steps (int | None): steps between evaluations; None: a tenth of the run.
         loss (str): "chunked" or "full". Default: "chunked"
+        method (str): "sft", or a preference method whose loss and rewards are evaluated;
+            the perplexity is then the chosen completions'. Default: "sft"
+        strength (float): the preference method's beta or lambda. Default: 0.1
     """
 
     def __init__(self, data: TokenizedData, batch_size: int, pad_token_id: int, eval_steps: int | None, *,
-                 loss: str = "chunked") -> None:
+                 loss: str = "chunked", method: str = "sft", strength: float = 0.1) -> None:
         self.data, self.batch_size, self.pad_token_id = data, batch_size, pad_token_id
-        self.eval_steps, self.loss = eval_steps, loss
+        self.eval_steps, self.loss, self.method, self.strength = eval_steps, loss, method, strength
 
     def on_step(self, state: StepState, entries: list[dict[str, float]]) -> None:
         every = eval_every(self.eval_steps, state.total_steps)
         if state.step % every and state.step != state.total_steps:
             return
+        # A preference example's input_ids and labels are its chosen side: their loss is the chosen completions'.
         value, perplexity = evaluate(state.model, self.data, self.batch_size, self.pad_token_id, loss=self.loss)
-        entries.append({"step": state.step, EVAL_LOSS: value, EVAL_PERPLEXITY: perplexity})
+        entry = {"step": state.step, EVAL_LOSS: value, EVAL_PERPLEXITY: perplexity}
+        if self.method != "sft":
+            entry |= evaluate_preference(state.model, self.data, self.batch_size, self.pad_token_id, self.method,
+                                         self.strength, loss=self.loss)
+        entries.append(entry)

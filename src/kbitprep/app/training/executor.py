@@ -27,7 +27,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ...device import has_accelerator
-from ..data.tokenize import CausalLMCollator
+from ...loss.preference import method_strength
+from ..data.tokenize import CausalLMCollator, PreferenceCollator
 from ..model.loading import load_quantized_model
 
 if TYPE_CHECKING:
@@ -148,12 +149,18 @@ class TrainerExecutor(Executor):
         A run killed after its last step resumes from a checkpoint of that step; the Trainer
         would train one step more, so the weights and the log are taken from it as they are.
         """
-        from .trainer import FinetuneTrainer, HookCallback, restore_finished, training_done
+        from .trainer import FinetuneTrainer, HookCallback, PreferenceTrainer, restore_finished, training_done
 
-        trainer = FinetuneTrainer(model=model, args=session.args, train_dataset=inputs.train_data,
-                                  data_collator=CausalLMCollator(inputs.pad_token_id),
-                                  callbacks=[HookCallback(hooks)], loss_mode=inputs.settings.loss,
-                                  loraplus_lr_ratio=inputs.settings.loraplus_lr_ratio)
+        settings = inputs.settings
+        common = {"model": model, "args": session.args, "train_dataset": inputs.train_data,
+                  "callbacks": [HookCallback(hooks)], "loss_mode": settings.loss,
+                  "loraplus_lr_ratio": settings.loraplus_lr_ratio}
+        trainer: FinetuneTrainer
+        if settings.method == "sft":
+            trainer = FinetuneTrainer(data_collator=CausalLMCollator(inputs.pad_token_id), **common)
+        else:  # a preference method: its strength is the setting its row names (--beta, --orpo-lambda)
+            trainer = PreferenceTrainer(data_collator=PreferenceCollator(inputs.pad_token_id), method=settings.method,
+                                        strength=method_strength(settings.method, settings), **common)
         resume_from = session.resume_from
         if resume_from is not None and training_done(resume_from):
             session.observer.on_message(f"{resume_from.name} is the run's last step: nothing left to train")

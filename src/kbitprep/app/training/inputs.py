@@ -30,8 +30,8 @@ from .sampling import pad_token_id
 if TYPE_CHECKING:
     from collections.abc import Mapping
 
-__all__ = ["RunInputs", "RunRequest", "check_chat_rows", "configured_vocab_size", "evaluation_rows",
-           "generation_stop_ids", "read_inputs", "resolve_settings"]
+__all__ = ["RunInputs", "RunRequest", "check_chat_rows", "check_method_rows", "configured_vocab_size",
+           "evaluation_rows", "generation_stop_ids", "read_inputs", "resolve_settings"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,6 +115,8 @@ def read_inputs(request: RunRequest, *, for_run: bool = True) -> RunInputs:
         TemplateCheckError: a template check's error (with `for_run`), its `.code` naming the check.
     """
     settings = request.settings
+    check_method_rows(settings, request.rows, settings.data)
+    check_method_rows(settings, request.eval_rows, settings.eval_data or settings.data)
     config = request.config if request.config is not None else check_model_folder(settings.model)
     tokenizer = load_tokenizer(settings.model)
     check_chat_rows(settings, request.rows, tokenizer)
@@ -166,6 +168,22 @@ def evaluation_rows(settings: FinetuneSettings, rows: Sequence[Row]) -> tuple[li
         raise DataError(f"{settings.eval_data}:{eval_rows[0].line}: --eval-data holds \"{eval_rows[0].kind}\" "
                         f"rows but DATA holds \"{rows[0].kind}\" rows; evaluate on rows of the kind you train on")
     return list(rows), eval_rows
+
+
+def check_method_rows(settings: FinetuneSettings, rows: Sequence[Row], source: str) -> None:
+    """Preference rows for --method dpo/orpo, demonstrations for sft: anything else is refused, naming the fix.
+
+    Raises:
+        DataError: the first row is of the other kind.
+    """
+    if not rows or rows[0].preference == (settings.method != "sft"):
+        return
+    if rows[0].preference:
+        raise DataError(f"{source}:{rows[0].line}: holds preference rows (prompt, chosen, rejected), which --method "
+                        "sft does not train on; pass --method dpo or --method orpo")
+    raise DataError(f"{source}:{rows[0].line}: --method {settings.method} trains on preference rows with the keys "
+                    f"prompt, chosen and rejected, but this is a \"{rows[0].kind}\" row; pass such rows, or "
+                    "--method sft")
 
 
 def check_chat_rows(settings: FinetuneSettings, rows: Sequence[Row], tokenizer: Any) -> None:

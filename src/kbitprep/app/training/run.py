@@ -35,6 +35,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ...loss.preference import method_strength
 from ..config.runfile import write_run_file
 from ..config.settings import FinetuneError, FinetuneSettings
 from ..data.files import data_fingerprint, read_data
@@ -176,7 +177,8 @@ def step_hooks(inputs: RunInputs, session: Session, memory: dict[str, Any]) -> S
     hooks: list[StepHook] = [DivergenceGuard(settings.lr, settings.lora_alpha)]
     if inputs.eval_data is not None:
         hooks.append(Evaluation(inputs.eval_data, settings.batch_size, inputs.pad_token_id, settings.eval_steps,
-                                loss=settings.loss))
+                                loss=settings.loss, method=settings.method,
+                                strength=method_strength(settings.method, settings)))
     hooks.append(Progress(session.observer))
     board = open_tensorboard(settings, session.folder.path, session.device, memory, session.main)  # --report-to
     if board is not None:
@@ -516,7 +518,8 @@ def data_summary(inputs: RunInputs) -> dict[str, Any]:
     trained = sum(sum(label != IGNORE_INDEX for label in example["labels"][1:]) for example in data.examples)
     summary = {"file": settings.data, "rows": len(request.rows), "examples": len(data),
                "truncated": data.truncated, "dropped_lines": list(data.dropped),
-               "trained_tokens_per_epoch": trained, "kind": request.rows[0].kind if request.rows else None}
+               "trained_tokens_per_epoch": trained, "kind": request.rows[0].kind if request.rows else None,
+               "preference": bool(request.rows) and request.rows[0].preference}
     summary["template_checks"] = inputs.checks.to_dict()
     if isinstance(inputs.train_data, PackedData):
         summary["packing"] = inputs.train_data.summary()

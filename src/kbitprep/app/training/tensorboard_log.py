@@ -4,6 +4,7 @@
     train/loss                   each step   the step's logged loss (report.json's loss_history)
     train/learning_rate          each step   the learning rate the step used
     train/grad_norm              each step   the gradient norm before clipping
+    train/rewards/chosen, ...    each step   --method dpo|orpo: the step's rewards (`REWARD_KEYS`)
     eval/loss                    each eval   --eval-data / --eval-fraction (report.json's eval_history)
     memory/peak_bytes            each step   the measured peak so far (CUDA's allocator peak, or the
                                              process's peak resident memory on a CPU)
@@ -20,13 +21,15 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from ...loss.preference import REWARD_KEYS
 from ..runs.folder import TENSORBOARD_DIR
 from .hooks import EVAL_LOSS, StepHook, StepState
 
 __all__ = ["STEP_SCALARS", "TensorBoardLog", "open_tensorboard"]
 
 # A log entry's key -> its TensorBoard tag.
-STEP_SCALARS = (("loss", "train/loss"), ("learning_rate", "train/learning_rate"), ("grad_norm", "train/grad_norm"))
+STEP_SCALARS = (("loss", "train/loss"), ("learning_rate", "train/learning_rate"), ("grad_norm", "train/grad_norm"),
+                *((key, f"train/{key}") for key in REWARD_KEYS))
 
 
 class TensorBoardLog(StepHook):

@@ -19,7 +19,8 @@ from ..distributed.processes import barrier
 from .hooks import StepHook, StepState
 from .order import SeededOrder
 
-__all__ = ["FinetuneTrainer", "HookCallback", "restore_finished", "training_arguments", "training_done"]
+__all__ = ["FinetuneTrainer", "HookCallback", "PreferenceTrainer", "restore_finished", "training_arguments",
+           "training_done"]
 
 
 def training_arguments(settings: FinetuneSettings, output_dir: Path) -> TrainingArguments:
@@ -81,6 +82,37 @@ class FinetuneTrainer(ChunkedLossMixin, Trainer):
     def _get_train_sampler(self, *args: Any, **kwargs: Any) -> Any:
         dataset: Any = (args[0] if args else kwargs.get("train_dataset")) or self.train_dataset
         return SeededOrder(len(dataset), self.args.seed)
+
+
+class PreferenceTrainer(FinetuneTrainer):
+    """The Trainer of a preference run (--method dpo|orpo): its loss is `kbitprep.loss.preference_loss` on
+    batches of pairs (`PreferenceCollator`), and each logged step carries the rewards of its micro-batches
+    (`REWARD_KEYS`: their mean since the last log, as TRL logs them).
+
+    The loss is a mean over each micro-batch's pairs, so the Trainer divides it by the accumulation steps.
+    """
+
+    def __init__(self, *args: Any, method: str, strength: float, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.method, self.strength = method, strength
+        self.model_accepts_loss_kwargs = False  # the Trainer then scales the loss for gradient accumulation
+        self.rewards: list[dict[str, float]] = []
+
+    def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False,
+                     num_items_in_batch: Any = None) -> Any:
+        from ...loss import preference_loss
+
+        result = preference_loss(model, inputs, self.method, self.strength, loss=self.loss_mode,
+                                 backward=self.loss_backward)
+        if model.training:
+            self.rewards.append(result.metrics())
+        return (result.loss, None) if return_outputs else result.loss
+
+    def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+        if self.rewards and "loss" in logs:
+            logs = {**logs, **{key: sum(r[key] for r in self.rewards) / len(self.rewards) for key in self.rewards[0]}}
+            self.rewards.clear()
+        super().log(logs, *args, **kwargs)
 
 
 class HookCallback(TrainerCallback):
