@@ -10,7 +10,7 @@ TORCH  := torch==2.13.0
 # the suite spends most of its time in kbitprep commands it starts and waits for.
 PYTEST := $(BIN)/python -m pytest -q -n 2 --dist loadfile
 
-.PHONY: install demo lint test test-fast bench sweep docs clean gguf-check
+.PHONY: install demo lint test test-fast bench sweep docs clean gguf-check gguf-bench
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -61,6 +61,11 @@ gguf-check: install
 		$(BIN)/python -m pip install --quiet --find-links $(WHEELS) -e ".[llama-cpp]"; \
 	fi
 	$(BIN)/python -m pytest -q -m llamacpp -s tests/test_gguf_llamacpp.py
+
+# GGUF sizes per --gguf-dtype and their error against f16 (llama.cpp's logits where installed);
+# writes its section of BENCHMARKS.md.
+gguf-bench: install
+	nice -n 10 $(BIN)/python benchmarks/gguf_sizes.py
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info src/*.egg-info
