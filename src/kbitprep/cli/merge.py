@@ -30,6 +30,10 @@ def add_parser(commands: argparse._SubParsersAction) -> argparse.ArgumentParser:
                         help="type of the GGUF file's weight matrices; norms stay f32. q8_0 ... q4_0 are written by "
                              "the gguf package, the k-quants (q6_k ... q2_k) by llama.cpp's quantizer (needs "
                              "llama-cpp-python: pip install 'kbitprep[llama-cpp]') (default: %(default)s)")
+    parser.add_argument("--gguf-pre", metavar="NAME", default=None,
+                        help="llama.cpp's pre-tokenizer name (tokenizer.ggml.pre) for a byte-level BPE tokenizer "
+                             "llama.cpp's table does not recognise; you vouch that it splits text the same "
+                             "(default: found from the tokenizer's behaviour, refused when unknown)")
     parser.add_argument("--verify", action="store_true",
                         help="compare the written model (and model.gguf, where llama-cpp-python is installed) with "
                              "the run's 4-bit base + adapter on the run's first rows: max logit difference and "
@@ -42,7 +46,7 @@ def run(args: argparse.Namespace, console: Console) -> int:
 
     with console.status("merging"):
         report = merge_run(args.run, args.output, dtype=args.dtype, gguf=args.gguf, gguf_dtype=args.gguf_dtype,
-                           verify=args.verify)
+                           gguf_pre=args.gguf_pre, verify=args.verify)
     console.print(f"merged {report.merged} adapted layer(s) into {report.dequantized} dequantized "
                   f"{report.quantize} layer(s) of {report.base}", markup=False, highlight=False)
     console.print(f"wrote {report.output} ({report.dtype}, {report.seconds:.1f} s); load it with "

@@ -13,7 +13,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import warnings
 from pathlib import Path
@@ -30,6 +29,7 @@ from .gguf_arch import (
     written_tensor,
 )
 from .gguf_quant import GGUF_DTYPES, TENSOR_FALLBACK, GgufDtype, gguf_dtype, quantize_with_llama_cpp, tensor_data
+from .gguf_vocab import write_vocab
 
 if TYPE_CHECKING:
     import torch
@@ -40,40 +40,8 @@ __all__ = ["GGUF_ARCHITECTURES", "GGUF_DTYPES", "GGUF_FILE", "GgufArchitecture",
 GGUF_FILE = "model.gguf"
 
 
-def _tokenizer(writer: Any, tokenizer: Any, folder: Path, vocab_size: int) -> None:
-    """Tokens, their types and merges (a BPE tokenizer.json, llama.cpp's "gpt2" model), special ids, template."""
-    import gguf
-
-    data = json.loads((folder / "tokenizer.json").read_text(encoding="utf-8")) \
-        if (folder / "tokenizer.json").is_file() else {}
-    model = data.get("model", {})
-    if model.get("type") != "BPE" or model.get("byte_fallback"):
-        raise GgufError(f"{folder}: --gguf writes BPE tokenizers (tokenizer.json, as Llama-3's and Qwen2's); this "
-                        f"one is {model.get('type', 'not a tokenizer.json')}"
-                        f"{' with byte fallback (sentencepiece)' if model.get('byte_fallback') else ''}. Merge "
-                        "without --gguf and convert with llama.cpp's convert_hf_to_gguf.py")
-    by_id = {index: token for token, index in tokenizer.get_vocab().items()}
-    added = {token.content: token.special for token in tokenizer.added_tokens_decoder.values()}
-    tokens, types = [], []
-    for index in range(vocab_size):
-        token = by_id.get(index)
-        if token is None:  # rows of the embedding no token uses (a vocabulary padded to a round size)
-            tokens.append(f"[PAD{index}]")
-            types.append(gguf.TokenType.UNUSED)
-        else:
-            tokens.append(token)
-            types.append(gguf.TokenType.NORMAL if token not in added else
-                         gguf.TokenType.CONTROL if added[token] else gguf.TokenType.USER_DEFINED)
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("default")
-    writer.add_token_list(tokens)
-    writer.add_token_types(types)
-    special = gguf.SpecialVocab(folder, load_merges=True, n_vocab=vocab_size)
-    special.chat_template = tokenizer.chat_template  # the one the run trained with (merge saved it)
-    special.add_to_gguf(writer)
-
-
-def _write_file(model: Any, tokenizer: Any, tokenizer_folder: Path, path: Path, row: GgufDtype) -> int:
+def _write_file(model: Any, tokenizer: Any, tokenizer_folder: Path, path: Path, row: GgufDtype,
+                pre: str | None) -> int:
     """One GGUF file whose tensors the `gguf` package writes in `row`'s types."""
     import gguf
     import torch
@@ -100,7 +68,7 @@ def _write_file(model: Any, tokenizer: Any, tokenizer_folder: Path, path: Path, 
     writer.add_name(Path(config.get("_name_or_path") or "model").name or "model")
     writer.add_file_type(gguf.LlamaFileType[row.file_type])
     write_hyperparameters(writer, config, architecture)
-    _tokenizer(writer, tokenizer, tokenizer_folder, config["vocab_size"])
+    write_vocab(writer, tokenizer, tokenizer_folder, config["vocab_size"], pre=pre)
     rope_tensors = extra_tensors(config)
     for name, factors in rope_tensors.items():
         writer.add_tensor(name, torch.tensor(factors, dtype=torch.float32).numpy())
@@ -116,7 +84,7 @@ def _write_file(model: Any, tokenizer: Any, tokenizer_folder: Path, path: Path, 
 
 
 def write_gguf(model: Any, tokenizer: Any, tokenizer_folder: str | os.PathLike[str], path: str | os.PathLike[str],
-               *, dtype: str = "f16") -> int:
+               *, dtype: str = "f16", gguf_pre: str | None = None) -> int:
     """Write a plain (merged) causal LM as one GGUF file.
 
     Args:
@@ -127,6 +95,8 @@ def write_gguf(model: Any, tokenizer: Any, tokenizer_folder: str | os.PathLike[s
         dtype (str): a `GGUF_DTYPES` name for the matrices: f32, f16, bf16, q8_0, q5_1, q5_0, q4_1,
             q4_0 (the gguf package), or a k-quant such as q4_k_m (llama.cpp's quantizer, from an
             f16 file written first beside `path`). Default: "f16"
+        gguf_pre (str | None): llama.cpp's pre-tokenizer name, instead of the one found from the
+            tokenizer's behaviour (`gguf_vocab.pre_tokenizer_name`). Default: None
 
     Returns:
         int: tensors written.
@@ -138,10 +108,10 @@ def write_gguf(model: Any, tokenizer: Any, tokenizer_folder: str | os.PathLike[s
     row = gguf_dtype(dtype)
     path = Path(path)
     if not row.llama_cpp:
-        return _write_file(model, tokenizer, Path(tokenizer_folder), path, row)
+        return _write_file(model, tokenizer, Path(tokenizer_folder), path, row, gguf_pre)
     source = path.with_name(f"{path.stem}.f16-for-quantize.gguf")
     try:
-        count = _write_file(model, tokenizer, Path(tokenizer_folder), source, GGUF_DTYPES["f16"])
+        count = _write_file(model, tokenizer, Path(tokenizer_folder), source, GGUF_DTYPES["f16"], gguf_pre)
         for line in quantize_with_llama_cpp(source, path, row):
             warnings.warn(TENSOR_FALLBACK(f"--gguf-dtype {dtype}: llama.cpp's quantizer: {line}").as_warning(),
                           stacklevel=2)

@@ -385,7 +385,7 @@ def _output_dtype(run: FinishedRun, dtype: str | None) -> torch.dtype:
 
 def merge_run(run_dir: str | os.PathLike[str], output: str | os.PathLike[str], *,
               dtype: str | None = None, gguf: bool = False, gguf_dtype: str = "f16",
-              verify: bool = False) -> MergeReport:
+              gguf_pre: str | None = None, verify: bool = False) -> MergeReport:
     """Write a standalone model folder: the run's base, dequantized as it was trained, plus its adapter.
 
     Args:
@@ -396,6 +396,8 @@ def merge_run(run_dir: str | os.PathLike[str], output: str | os.PathLike[str], *
             chat template inside (`kbitprep.app.export.gguf`). Default: False
         gguf_dtype (str): the GGUF file's matrices: f32, f16, bf16, q8_0, q5_1, q5_0, q4_1, q4_0, or a
             k-quant (q4_k_m, q5_k_m, q6_k, ...: llama.cpp's quantizer, needs llama-cpp-python). Default: "f16"
+        gguf_pre (str | None): llama.cpp's pre-tokenizer name for a tokenizer llama.cpp's table does not
+            know (`kbitprep.app.export.gguf_vocab`); the caller vouches that it splits the same. Default: None
         verify (bool): compare the written folder (and GGUF, where llama-cpp-python is installed)
             with the run's 4-bit base + adapter on the run's first rows; fail past the
             tolerances (`kbitprep.app.export.verify`). Default: False
@@ -426,6 +428,10 @@ def merge_run(run_dir: str | os.PathLike[str], output: str | os.PathLike[str], *
         check_gguf_dtype(gguf_dtype)  # a k-quant without llama-cpp-python is refused before the load
         gguf_architecture(check_model_folder(run.model))  # an unsupported one costs no load
     tokenizer = run_tokenizer(run)
+    if gguf:
+        from .gguf_vocab import check_vocab
+
+        check_vocab(tokenizer, pre=gguf_pre)  # an unknown pre-tokenizer costs no load either
     model: Any = rewritten_base(load_quantized_model(run.model, run.settings["quantize"],
                                                      device_index=_device_index()), run.adapter)
     dequantized = dequantize_layers(model)
@@ -443,7 +449,7 @@ def merge_run(run_dir: str | os.PathLike[str], output: str | os.PathLike[str], *
         if gguf:
             from .gguf import GGUF_FILE, write_gguf
 
-            write_gguf(model, tokenizer, staging, staging / GGUF_FILE, dtype=gguf_dtype)
+            write_gguf(model, tokenizer, staging, staging / GGUF_FILE, dtype=gguf_dtype, gguf_pre=gguf_pre)
             (staging / MODELFILE).write_text(ollama_modelfile(tokenizer, GGUF_FILE), encoding="utf-8")
             report = dataclasses.replace(report, gguf=str(output.absolute() / GGUF_FILE),
                                          modelfile=str(output.absolute() / MODELFILE))

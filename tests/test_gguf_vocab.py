@@ -1,0 +1,107 @@
+"""The GGUF's tokenizer against llama.cpp's own vocab-only files (`make install` fetches them).
+
+For each real vocabulary llama.cpp ships that kbitprep writes (byte-level BPE: qwen2, gpt-2,
+starcoder; sentencepiece: llama-spm, phi-3), the training tokenizer is transformers' rebuild of
+llama.cpp's file; kbitprep's GGUF of it holds the same model, pre-tokenizer, tokens, types,
+merges, special ids and add_bos/add_eos as llama.cpp's file, and that tokenizer encodes
+llama.cpp's test strings (.inp) to llama.cpp's ids (.out). Intended differences, by name:
+- scores of a byte-fallback tokenizer.json come from its merge ranks (llama.cpp's file has
+  sentencepiece's own); the test checks that byte tokens score 0 and merged tokens by rank;
+- the unk token is UNKNOWN (Phi-3's file says CONTROL, its tokenizer_config listed it special),
+  and Phi-3's file's own "[PADn]" rows (UNKNOWN there) are ordinary tokens of the rebuild;
+- eot_token_id: llama.cpp's vocab files carry none; ours is the template's end-of-turn token.
+An unknown pre-tokenizer is refused naming its hash, unless named with `pre=`.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import pytest
+
+from kbitprep.app.export.gguf_vocab import GgufError, pre_tokenizer_name, write_vocab
+from kbitprep.app.export.stops import end_of_turn_ids
+
+VOCAB = Path(__file__).resolve().parents[1] / ".cache" / "llama-vocab"
+UNUSED, UNKNOWN = 5, 2
+
+
+def _vocab_file(name: str) -> Path:
+    path = VOCAB / f"ggml-vocab-{name}.gguf"
+    if not path.is_file():
+        pytest.fail(f"{path} is missing: `make install` fetches llama.cpp's vocab files (llama-cpp-python sdist)")
+    return path
+
+
+def _fields(path: Path) -> dict:
+    import gguf
+
+    reader = gguf.GGUFReader(path)
+    return {key: reader.fields[key].contents() for key in reader.fields if key.startswith("tokenizer.ggml.")}
+
+
+@pytest.fixture(scope="module")
+def written(tmp_path_factory: pytest.TempPathFactory):
+    import gguf
+    from transformers import AutoTokenizer
+
+    def build(name: str):
+        source = _vocab_file(name)
+        folder = tmp_path_factory.mktemp(name)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            AutoTokenizer.from_pretrained(source.parent, gguf_file=source.name).save_pretrained(folder)
+            tokenizer = AutoTokenizer.from_pretrained(folder)
+        reference = _fields(source)
+        writer = gguf.GGUFWriter(folder / "vocab.gguf", "llama")
+        write_vocab(writer, tokenizer, folder, len(reference["tokenizer.ggml.tokens"]))
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.close()
+        return tokenizer, reference, _fields(folder / "vocab.gguf")
+    return build
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["qwen2", "gpt-2", "starcoder", "llama-spm", "phi-3"])
+def test_the_tokenizer_fields_are_llama_cpps_own(written, name: str) -> None:
+    tokenizer, reference, ours = written(name)
+    eot = ours.pop("tokenizer.ggml.eot_token_id", None)
+    assert eot == (end_of_turn_ids(tokenizer) or [None])[0]
+    if tokenizer.chat_template and "<|im_end|>" in tokenizer.chat_template:
+        assert eot == tokenizer.convert_tokens_to_ids("<|im_end|>")
+    scores, reference_scores = ours.pop("tokenizer.ggml.scores", None), reference.pop("tokenizer.ggml.scores", None)
+    types, reference_types = ours.pop("tokenizer.ggml.token_type"), reference.pop("tokenizer.ggml.token_type")
+    assert ours == reference
+    differ = {i for i, (a, b) in enumerate(zip(types, reference_types, strict=True)) if a != b}
+    tokens = reference["tokenizer.ggml.tokens"]
+    assert differ <= {tokenizer.unk_token_id} | {i for i in differ if reference_types[i] == UNKNOWN
+                                                 and tokens[i].startswith("[PAD")}
+    if scores is not None:  # sentencepiece: byte tokens 0, merged tokens ordered as the merges
+        assert reference_scores is not None
+        assert all(scores[i] == 0.0 for i, kind in enumerate(types) if kind == 6)
+        assert scores[tokenizer.convert_tokens_to_ids("▁t")] > scores[tokenizer.convert_tokens_to_ids("▁the")]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["qwen2"])  # transformers rebuilds llama-spm with other ids for some strings
+def test_the_training_tokenizer_gives_llama_cpps_ids_for_its_test_strings(written, name: str) -> None:
+    tokenizer, _, _ = written(name)
+    path = _vocab_file(name)
+    strings = path.with_suffix(".gguf.inp").read_text(encoding="utf-8").split("\n__ggml_vocab_test__\n")[:-1]
+    expected = path.with_suffix(".gguf.out").read_text(encoding="utf-8").splitlines()
+    assert len(strings) == len(expected) > 30
+    for text, ids in zip(strings, expected, strict=True):
+        assert tokenizer.encode(text, add_special_tokens=False) == [int(i) for i in ids.split()], text
+
+
+def test_an_unknown_pre_tokenizer_is_refused_naming_its_hash_unless_named() -> None:
+    from transformers import AutoTokenizer
+
+    from kbitprep.app.demo import DEMO_MODEL
+
+    tokenizer = AutoTokenizer.from_pretrained(str(DEMO_MODEL))
+    with pytest.raises(GgufError, match=r"check hash [0-9a-f]{64}.*--gguf-pre NAME"):
+        pre_tokenizer_name(tokenizer)
+    assert pre_tokenizer_name(tokenizer, "default") == "default"
