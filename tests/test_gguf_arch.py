@@ -35,7 +35,8 @@ def _written(config, tmp_path: Path, dtype: str = "f32"):
     model.config.architectures = [type(model).__name__]
     tokenizer = AutoTokenizer.from_pretrained(str(DEMO_MODEL))
     tokenizer.save_pretrained(tmp_path / "tok")
-    write_gguf(model, tokenizer, tmp_path / "tok", tmp_path / "m.gguf", dtype=dtype)
+    # the demo tokenizer (characters, no pre-tokenizer) is in no llama.cpp table: named by hand
+    write_gguf(model, tokenizer, tmp_path / "tok", tmp_path / "m.gguf", dtype=dtype, gguf_pre="default")
     return model, gguf.GGUFReader(tmp_path / "m.gguf")
 
 
