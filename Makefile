@@ -26,9 +26,9 @@ $(VENV)/.installed: pyproject.toml Makefile
 LLAMA_SDIST := .cache/llama-cpp-python/llama_cpp_python-0.3.36.tar.gz
 LLAMA_VOCAB := .cache/llama-vocab
 
-$(LLAMA_SDIST):
+$(LLAMA_SDIST): $(VENV)/.installed
 	mkdir -p $(dir $@)
-	$(PYTHON) -m pip download --quiet --no-deps --no-binary :all: -d $(dir $@) llama-cpp-python==0.3.36
+	$(BIN)/python -m pip download --quiet --no-deps --no-binary :all: -d $(dir $@) llama-cpp-python==0.3.36
 
 $(LLAMA_VOCAB)/.extracted: $(LLAMA_SDIST)
 	mkdir -p $(LLAMA_VOCAB)
@@ -36,7 +36,12 @@ $(LLAMA_VOCAB)/.extracted: $(LLAMA_SDIST)
 		'llama_cpp_python-0.3.36/vendor/llama.cpp/models/ggml-vocab-*'
 	touch $@
 
-install: $(VENV)/.installed $(LLAMA_VOCAB)/.extracted
+# transformers' rebuild of each vocab file, saved once (20-60 s a file) so the tests load it in a second.
+$(LLAMA_VOCAB)/.rebuilt: $(LLAMA_VOCAB)/.extracted tests/llama_vocab.py
+	$(BIN)/python tests/llama_vocab.py
+	touch $@
+
+install: $(VENV)/.installed $(LLAMA_VOCAB)/.rebuilt
 
 demo: install
 	$(BIN)/kbitprep demo --output runs/demo --overwrite
@@ -72,7 +77,7 @@ gguf-check: install
 	if ls $(WHEELS)/llama_cpp_python-*.whl >/dev/null 2>&1; then \
 		$(BIN)/python -m pip install --quiet --find-links $(WHEELS) -e ".[llama-cpp]"; \
 	else \
-		$(BIN)/python -m pip wheel --no-deps --wheel-dir $(WHEELS) "llama-cpp-python==0.3.36" && \
+		$(BIN)/python -m pip wheel --no-deps --wheel-dir $(WHEELS) $(LLAMA_SDIST) && \
 		$(BIN)/python -m pip install --quiet --find-links $(WHEELS) -e ".[llama-cpp]"; \
 	fi
 	$(BIN)/python -m pytest -q -m llamacpp -s tests/test_gguf_llamacpp.py

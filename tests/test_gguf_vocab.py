@@ -15,30 +15,23 @@ An unknown pre-tokenizer is refused naming its hash, unless named with `pre=`.
 
 from __future__ import annotations
 
-import warnings
+import functools
 from pathlib import Path
 
 import pytest
 
 from kbitprep.app.export.gguf_vocab import GgufError, pre_tokenizer_name, write_vocab
 from kbitprep.app.export.stops import end_of_turn_ids
+from llama_vocab import MissingVocabError, rebuilt_folder, reference_fields, tokenizer_fields, vocab_file
 
-VOCAB = Path(__file__).resolve().parents[1] / ".cache" / "llama-vocab"
 UNUSED, UNKNOWN = 5, 2
 
 
 def _vocab_file(name: str) -> Path:
-    path = VOCAB / f"ggml-vocab-{name}.gguf"
-    if not path.is_file():
-        pytest.fail(f"{path} is missing: `make install` fetches llama.cpp's vocab files (llama-cpp-python sdist)")
-    return path
-
-
-def _fields(path: Path) -> dict:
-    import gguf
-
-    reader = gguf.GGUFReader(path)
-    return {key: reader.fields[key].contents() for key in reader.fields if key.startswith("tokenizer.ggml.")}
+    try:
+        return vocab_file(name)
+    except MissingVocabError as missing:
+        pytest.fail(str(missing))
 
 
 @pytest.fixture(scope="module")
@@ -46,20 +39,19 @@ def written(tmp_path_factory: pytest.TempPathFactory):
     import gguf
     from transformers import AutoTokenizer
 
+    @functools.cache
     def build(name: str):
-        source = _vocab_file(name)
+        _vocab_file(name)  # fails naming `make install` when the file is missing
         folder = tmp_path_factory.mktemp(name)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            AutoTokenizer.from_pretrained(source.parent, gguf_file=source.name).save_pretrained(folder)
-            tokenizer = AutoTokenizer.from_pretrained(folder)
-        reference = _fields(source)
+        tokenizer = AutoTokenizer.from_pretrained(rebuilt_folder(name))
+        tokenizer.save_pretrained(folder)
+        reference = reference_fields(name)
         writer = gguf.GGUFWriter(folder / "vocab.gguf", "llama")
         write_vocab(writer, tokenizer, folder, len(reference["tokenizer.ggml.tokens"]))
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.close()
-        return tokenizer, reference, _fields(folder / "vocab.gguf")
+        return tokenizer, reference, tokenizer_fields(folder / "vocab.gguf")
     return build
 
 
@@ -67,6 +59,7 @@ def written(tmp_path_factory: pytest.TempPathFactory):
 @pytest.mark.parametrize("name", ["qwen2", "gpt-2", "starcoder", "llama-spm", "phi-3"])
 def test_the_tokenizer_fields_are_llama_cpps_own(written, name: str) -> None:
     tokenizer, reference, ours = written(name)
+    reference, ours = dict(reference), dict(ours)  # the fixture's are kept for the next test
     eot = ours.pop("tokenizer.ggml.eot_token_id", None)
     assert eot == (end_of_turn_ids(tokenizer) or [None])[0]
     if tokenizer.chat_template and "<|im_end|>" in tokenizer.chat_template:
