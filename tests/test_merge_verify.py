@@ -9,10 +9,13 @@
 - The run's data gone: a clear error naming the file and the fix. A GGUF that llama.cpp
   cannot load fails naming llama.cpp, where llama-cpp-python is installed; where it is not,
   the GGUF is not compared and the folder's figures stand alone.
+- Every --gguf-dtype is judged: f32/f16/bf16 at float16 or coarser, each quantized type by
+  twice its measured error (BENCHMARKS.md), coarser types looser; past it the GGUF fails.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import warnings
 from pathlib import Path
@@ -21,7 +24,16 @@ import pytest
 import torch
 
 from kbitprep.app.export.merge import MERGE_RECORD, merge_run, read_finished_run, run_tokenizer
-from kbitprep.app.export.verify import VERIFY_TOLERANCES, VerifyError, check_figures, verify_merged
+from kbitprep.app.export.verify import (
+    GGUF_QUANT_MEASURED,
+    GGUF_QUANT_TOLERANCES,
+    VERIFY_TOLERANCES,
+    VerifyError,
+    VerifyFigures,
+    check_figures,
+    gguf_tolerance,
+    verify_merged,
+)
 
 TAMPERED = "model.layers.1.mlp.down_proj.weight"
 
@@ -150,3 +162,21 @@ def test_a_gguf_llama_cpp_cannot_load_fails_where_llama_cpp_is_installed(finishe
         return
     with pytest.raises(VerifyError, match=r"gguf: llama\.cpp cannot load model\.gguf \(ValueError: .*would not run"):
         verify_merged(run.settings, run.adapter, run_tokenizer(run), tmp_path / "merged", gguf=damaged)
+
+
+def test_every_gguf_dtype_is_judged_by_a_tolerance_from_its_measured_error() -> None:
+    from kbitprep.app.export.gguf_quant import GGUF_DTYPES
+
+    assert set(GGUF_DTYPES) <= set(GGUF_QUANT_TOLERANCES) | {"f32", "f16", "bf16"}
+    assert gguf_tolerance("f32", "float32") == VERIFY_TOLERANCES["float16"]  # llama.cpp's f16 KV cache
+    assert gguf_tolerance("f16", "bfloat16") == VERIFY_TOLERANCES["bfloat16"]
+    for name, figure in GGUF_QUANT_MEASURED.items():
+        assert figure < gguf_tolerance(name, "float32") <= 2 * figure + 0.005
+    assert gguf_tolerance("q8_0", "float32") == 0.05 < gguf_tolerance("q6_k", "float32") < gguf_tolerance(
+        "q4_k_m", "float32") < gguf_tolerance("q2_k", "float32")
+    assert gguf_tolerance("q8_0", "bfloat16") == 0.05  # the quantization, not the run's bf16, bounds it
+    assert gguf_tolerance("iq1_s", "float32") is None  # no measured figure: reported, not judged
+    off = VerifyFigures("gguf", "q8_0", 4, 90, 0.6, 10.0, 0.06, 0.98, gguf_tolerance("q8_0", "float32"), None)
+    with pytest.raises(VerifyError, match=r"gguf: max \|logit difference\| 0\.6 is 0\.06 .* the tolerance 0\.05:"):
+        check_figures([off])
+    check_figures([dataclasses.replace(off, max_abs=0.4, relative=0.04)])
