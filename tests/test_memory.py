@@ -58,10 +58,11 @@ def _measured_peak(folder: Path, settings: MemorySettings, steps: int = 2) -> in
             model.train()
             optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad],
                                        types.SimpleNamespace(optim=settings.optim, lr=2e-4))  # as finetune builds it
-            ids = torch.randint(0, 100, (settings.batch_size, settings.seq_len))
+            rows = settings.batch_size * (1 if settings.method == "sft" else 2)  # a pair is two rows
+            ids = torch.randint(0, 100, (rows, settings.seq_len))
             for _ in range(steps):
                 batch = {"input_ids": ids.clone(), "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
-                _loss(model, batch, settings.loss).backward()
+                _loss(model, batch, settings.loss, settings.method).backward()
                 optimizer.step()
                 model.zero_grad()
         finally:
@@ -69,8 +70,13 @@ def _measured_peak(folder: Path, settings: MemorySettings, steps: int = 2) -> in
     return peak
 
 
-def _loss(model: torch.nn.Module, batch: dict, loss: str) -> torch.Tensor:
-    """The loss as the Trainer (full) or kbitprep's chunked loss computes it."""
+def _loss(model: torch.nn.Module, batch: dict, loss: str, method: str = "sft") -> torch.Tensor:
+    """The loss as the Trainer (full) or kbitprep's chunked loss computes it; a preference method's as its
+    trainer does (`preference_loss` on the chosen-then-rejected rows)."""
+    if method != "sft":
+        from kbitprep.loss import preference_loss
+
+        return preference_loss(model, batch, method, 0.1, loss=loss).loss
     if loss == "full":
         return model(**batch).loss
     from kbitprep.loss import causal_lm_loss
@@ -96,6 +102,19 @@ def test_chunked_loss_prediction_is_within_ten_percent_of_the_measured_peak(name
     assert abs(estimate.total - measured) / measured <= 0.10, (estimate.total, measured)
     full = estimate_memory(folder, dataclasses.replace(settings, loss="full"))
     assert estimate.total < full.total  # no (tokens x vocabulary) logits
+
+
+@pytest.mark.parametrize(("method", "loss", "name"), [("dpo", "chunked", "llama-5L"), ("orpo", "chunked", "llama-5L"),
+                                                     ("dpo", "full", "llama-5L"), ("dpo", "chunked", "gpt2")])
+def test_preference_step_prediction_is_within_ten_percent_of_the_measured_peak(method: str, loss: str, name: str,
+                                                                              tmp_path: Path, single_thread) -> None:
+    settings = dataclasses.replace(SETTINGS, loss=loss, method=method, seq_len=128)
+    folder = _save(CONFIGS[name], tmp_path / name)
+    estimate = estimate_memory(folder, settings)
+    measured = _measured_peak(folder, settings)
+    assert abs(estimate.total - measured) / measured <= 0.10, (estimate.total, measured)
+    # a pair is two rows: the step holds more than a supervised step of the same batch size
+    assert estimate.total > estimate_memory(folder, dataclasses.replace(settings, method="sft")).total
 
 
 def test_without_checkpointing_the_prediction_holds_and_every_layer_keeps_more(tmp_path: Path, single_thread) -> None:

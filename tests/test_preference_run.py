@@ -89,3 +89,7 @@ def test_a_preference_demo_run_records_its_rewards(tmp_path: Path, method: str, 
         assert history[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
     assert history[-1]["rewards/margins"] > history[0]["rewards/margins"]
     assert report.loss_history[-1]["loss"] < report.loss_history[0]["loss"]
+    # the memory model sized the preference step (2 rows a pair, DPO's reference) at the data's longest row
+    memory = record["memory"]
+    assert memory["predicted"]["settings"]["method"] == method, memory
+    assert abs(memory["error_percent"]) <= 10, memory

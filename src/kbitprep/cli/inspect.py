@@ -13,7 +13,7 @@ from ..app.config.settings import SETTINGS, add_arguments
 # The `finetune` settings that change a training step's memory; inspect takes them as finetune does.
 RUN_OPTIONS = ("quantize", "upcast", "compute_dtype", "lora_r", "lora_dropout", "target_modules", "lora_variant",
                "batch_size",
-               "seq_len", "loss", "gradient_checkpointing", "optim")
+               "seq_len", "loss", "gradient_checkpointing", "optim", "method")
 
 HELP = ("show the preparation plan of a local model under each upcast policy, and the peak memory of a "
         "training step (no weights needed)")

@@ -202,6 +202,14 @@ class CausalLMCollator:
         return batch
 
 
+def longest_row(data: TokenizedData) -> int:
+    """The most tokens any one batch row of `data` holds (a pair's longer side): what batches pad up to at worst.
+
+    0 for no examples.
+    """
+    return max((max(len(e["input_ids"]), len(e.get(REJECTED + "input_ids", ()))) for e in data.examples), default=0)
+
+
 class PreferenceCollator:
     """Pads preference pairs into one batch: the chosen sequences in the first half of the rows, the rejected
     ones in the second, in the same order (what `kbitprep.loss.preference_loss` reads).

@@ -112,6 +112,9 @@ class MemorySettings:
         gradient_checkpointing (bool): recompute each layer in the backward pass. Default: True
         loss (str): a name in `LOSSES`. Default: finetune's
         optim (str): a name in `OPTIMIZERS`. Default: finetune's
+        method (str): "sft", or a preference method ("dpo", "orpo"): each step then scores both sides of
+            `batch_size` pairs, 2 x batch_size rows in one forward pass, and DPO adds the reference's forward
+            pass (the adapter off, under no_grad). Default: finetune's
         device (str): "cpu" or "cuda": where the run would train (it decides the compute dtype).
             Default: "cuda" when this machine has one, else "cpu"
     """
@@ -129,10 +132,12 @@ class MemorySettings:
     gradient_checkpointing: bool = _run_default("gradient_checkpointing", True)
     loss: str = _run_default("loss", "full")
     optim: str = _run_default("optim", "adamw_torch")
+    method: str = _run_default("method", "sft")
     device: str = dataclasses.field(default_factory=_default_device)
 
     def check(self) -> None:
         """Raise `MemoryModelError` naming the first setting that is out of range."""
+        from ...loss import METHOD_CHOICES
         from ...plan import UPCAST_POLICIES
         from ...sizing import QUANTIZE_AUTO, QUANTIZE_CHOICES
         from ..model.lora import LORA_VARIANTS
@@ -148,6 +153,7 @@ class MemorySettings:
             (self.seq_len >= 2, "seq_len must be at least 2"),
             (self.loss in LOSSES, f"loss must be one of {', '.join(LOSSES)}"),
             (self.optim in OPTIMIZERS, f"optim must be one of {', '.join(OPTIMIZERS)}"),
+            (self.method in METHOD_CHOICES, f"method must be one of {', '.join(METHOD_CHOICES)}"),
             (self.device in DEVICES, f"device must be one of {', '.join(DEVICES)}"),
             (self.compute_dtype in COMPUTE_DTYPES, f"compute_dtype must be one of {', '.join(COMPUTE_DTYPES)}"),
         ]
@@ -337,11 +343,17 @@ class TrainingSkeleton:
                                      + (" and its block scales" if spec.block else "")))
         return parts
 
+    @property
+    def rows_per_example(self) -> int:
+        """The batch rows one example takes: 2 for a preference pair (chosen and rejected), else 1."""
+        return 1 if self.settings.method == "sft" else 2
+
     def _batch(self, batch_size: int, seq_len: int) -> Callable[[], dict[str, torch.Tensor]]:
         held: list[torch.Tensor] = []
+        rows = batch_size * self.rows_per_example
 
         def make() -> dict[str, torch.Tensor]:
-            ids = torch.zeros(batch_size, seq_len, dtype=torch.long, device="meta")
+            ids = torch.zeros(rows, seq_len, dtype=torch.long, device="meta")
             # The collator's all-ones mask is held (and counted) but not passed: with no padding
             # the model builds no mask from it, and on meta it cannot read that it is all ones.
             held[:] = [torch.ones_like(ids)]
@@ -357,10 +369,11 @@ class TrainingSkeleton:
         started = time.perf_counter()
         batch_size = batch_size or self.settings.batch_size
         seq_len = seq_len or self.settings.seq_len
-        loss = simulated_loss(self.settings.loss, self.settings.device)
+        loss = simulated_loss(self.settings.loss, self.settings.device, self.settings.method)
         profile = simulate_step(self.model, self._batch(batch_size, seq_len), loss)
         moments = dict(profile.moments)
-        moments["optimizer step"] = self._optimizer_moment(profile, batch_size * seq_len * 8 * 3)
+        rows = batch_size * self.rows_per_example
+        moments["optimizer step"] = self._optimizer_moment(profile, rows * seq_len * 8 * 3)
         static = sum(part.bytes for part in self.static)
         peak = max(moments.values(), key=lambda moment: moment.total)
         settings = dataclasses.replace(self.settings, batch_size=batch_size, seq_len=seq_len)

@@ -171,27 +171,103 @@ def _linear_logits(plan: Any, x: torch.Tensor, weight: torch.Tensor, dtype: torc
     return logits
 
 
-def _chunked(model: nn.Module, batch: dict[str, torch.Tensor], device: str) -> torch.Tensor:
-    lm = _unwrap(model)
-    head = lm.get_output_embeddings()
+def _head_input(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The model run up to its LM head, which receives no positions (as the chunked loss arranges it); its input."""
+    head = _unwrap(model).get_output_embeddings()
     captured: list[torch.Tensor] = []
 
     def keep(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
         captured.append(args[0])
-        return (args[0].narrow(-2, 0, 0), *args[1:])  # the head gets no positions, as the loss arranges it
+        return (args[0].narrow(-2, 0, 0), *args[1:])
 
     handle = head.register_forward_pre_hook(keep)
     try:
         model(input_ids=batch["input_ids"])
     finally:
         handle.remove()
-    hidden = captured[0]
+    return captured[0]
+
+
+def _trained(hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The trained positions' states (N, H) and targets (N,): every position but each row's last, as for
+    full-length rows of trained text."""
     rows, length, width = hidden.shape
-    trained = rows * (length - 1)  # every position but each row's last predicts a trained token
+    trained = rows * (length - 1)
     index = torch.empty(trained, dtype=torch.long, device=hidden.device)  # the positions' index, their targets
     targets = torch.empty(trained, dtype=torch.long, device=hidden.device)
-    selected = hidden.reshape(-1, width).index_select(0, index)
-    return _Chunks.apply(chunked_loss_plan(model, device), head, lm.config, selected, targets)
+    return hidden.reshape(-1, width).index_select(0, index), targets
+
+
+def _chunked(model: nn.Module, batch: dict[str, torch.Tensor], device: str) -> torch.Tensor:
+    lm = _unwrap(model)
+    selected, targets = _trained(_head_input(model, batch))
+    return _Chunks.apply(chunked_loss_plan(model, device), lm.get_output_embeddings(), lm.config, selected, targets)
+
+
+class _LogProbChunks(torch.autograd.Function):
+    """What `kbitprep.loss.label_log_probs` allocates: d logp / d states (fused), one chunk, the (N,) values."""
+
+    @staticmethod
+    def forward(ctx: Any, plan: Any, head: nn.Module, config: Any, selected: torch.Tensor,
+                targets: torch.Tensor) -> torch.Tensor:
+        ctx.grad = torch.empty_like(selected)  # d logp_i / d h_i, filled chunk by chunk
+        weights = torch.ones(selected.shape[0], dtype=torch.float32, device=selected.device)
+        values = torch.empty(selected.shape[0], dtype=torch.float32, device=selected.device)
+        _one_chunk(plan, head, config, selected, targets, grad=True)
+        del weights
+        return values
+
+    @staticmethod
+    def backward(ctx: Any, grad_values: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        grad, ctx.grad = ctx.grad, None
+        return None, None, None, grad.mul_(grad_values[:, None].to(grad.dtype)), None
+
+
+def _chunked_log_probs(model: nn.Module, batch: dict[str, torch.Tensor], device: str) -> torch.Tensor:
+    """(rows, positions) log p(label) as `label_log_probs` computes them; without gradients under no_grad."""
+    lm = _unwrap(model)
+    hidden = _head_input(model, batch)
+    selected, targets = _trained(hidden)
+    plan, head = chunked_loss_plan(model, device), lm.get_output_embeddings()
+    if torch.is_grad_enabled():
+        values = _LogProbChunks.apply(plan, head, lm.config, selected, targets)
+    else:
+        values = torch.empty(selected.shape[0], dtype=torch.float32, device=selected.device)
+        _one_chunk(plan, head, lm.config, selected, targets, grad=False)
+    rows, length = hidden.shape[:2]
+    flat = torch.zeros(rows * length, dtype=torch.float32, device=hidden.device)
+    index = torch.empty(values.shape[0], dtype=torch.long, device=hidden.device)
+    return flat.index_put((index,), values).view(rows, length)
+
+
+def _full_log_probs(model: nn.Module, batch: dict[str, torch.Tensor], device: str) -> torch.Tensor:
+    """(rows, positions) log p(label) from the full logits in fp32, as `label_log_probs(loss="full")` takes them."""
+    logits = model(input_ids=batch["input_ids"]).logits.float()  # the model's own logits are let go
+    targets = nn.functional.pad(batch["labels"][..., 1:], (0, 1), value=-100)
+    keep = targets != -100
+    picked = logits.log_softmax(-1).gather(-1, targets.clamp(min=0)[..., None]).squeeze(-1)
+    return picked * keep
+
+
+_LOG_PROBS = {"full": _full_log_probs, "chunked": _chunked_log_probs}
+
+
+def _preference(method: str, log_probs: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    """A preference step as `kbitprep.loss.preference_loss` runs it on the (2B, T) batch: the policy's
+    log-probabilities with gradients, then (DPO) the reference's, adapter off and under no_grad, whose
+    forward pass peaks above the policy's kept activations and keeps nothing itself."""
+    from ...loss.preference import PREFERENCE_METHODS, adapter_disabled
+
+    reference = PREFERENCE_METHODS[method].reference
+
+    def run(model: nn.Module, batch: dict[str, torch.Tensor], device: str) -> torch.Tensor:
+        policy = log_probs(model, batch, device).sum(-1)
+        if reference:
+            with torch.no_grad(), adapter_disabled(model):
+                reference_log_probs = log_probs(model, batch, device).sum(-1)
+            policy = policy - reference_log_probs
+        return policy.sum()
+    return run
 
 
 # loss name -> (model, batch, device) -> the loss tensor, as the training loop computes it
@@ -199,7 +275,9 @@ LOSSES: dict[str, Callable[[nn.Module, dict[str, torch.Tensor], str], torch.Tens
                                                                                           "chunked": _chunked}
 
 
-def simulated_loss(name: str, device: str) -> Callable[[nn.Module, dict[str, torch.Tensor]], torch.Tensor]:
-    """The loss `name` as `simulate_step` calls it: (model, batch) -> loss."""
-    run = LOSSES[name]
+def simulated_loss(name: str, device: str,
+                   method: str = "sft") -> Callable[[nn.Module, dict[str, torch.Tensor]], torch.Tensor]:
+    """The loss `name` of the training `method` ("sft" or a `PREFERENCE_METHODS` name) as `simulate_step` calls
+    it: (model, batch) -> loss. A preference batch holds both sides of each pair, (2 x pairs) rows."""
+    run = LOSSES[name] if method == "sft" else _preference(method, _LOG_PROBS[name])
     return lambda model, batch: run(model, batch, device)

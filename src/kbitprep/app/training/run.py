@@ -289,11 +289,17 @@ class FinetuneRun:
         """The memory model's estimate of the run's peak, from config.json alone, before anything is loaded.
 
         The estimate is advice: a model it cannot size still trains, and report.json says why.
+        Unpacked rows are padded to the longest in their batch, so the step is sized at the data's
+        longest row (at most --seq-len); packed rows are all --seq-len long.
         """
+        from ..data.tokenize import longest_row
         from ..memory.estimate import MemorySettings, estimate_memory
 
+        train = inputs.train_data
+        longest = self.settings.seq_len if isinstance(train, PackedData) else longest_row(train)
+        seq_len = max(2, min(self.settings.seq_len, longest or self.settings.seq_len))
         try:  # the settings' device defaults to where this run trains
-            estimate = estimate_memory(inputs.config, MemorySettings.from_run(self.settings))
+            estimate = estimate_memory(inputs.config, MemorySettings.from_run(self.settings, seq_len=seq_len))
         except Exception as error:  # noqa: BLE001 - see the docstring
             return {"predicted": None, "why_not_predicted": error_summary(error)}
         return {"predicted": estimate.to_dict(), "predicted_peak_bytes": estimate.total}
