@@ -14,6 +14,7 @@ from .packing import render_packing
 from .results import BenchmarkResults, check_targets, ratio_of
 from .shapes import published_source
 from .training import PATTERN_TOKENS, WARNING_STEPS, WORKER_ENV, TrainingResult, TrainingSettings
+from .trl_sft import render_trl
 from .variants import REFERENCE, VARIANTS
 
 __all__ = ["render"]
@@ -456,5 +457,6 @@ def render(results: BenchmarkResults) -> str:
     """BENCHMARKS.md for a run."""
     parts = [_header(results), _targets(results), _footprint(results), _training(results), _prepare_time(results),
              _warnings(results), render_packing(results.packing), render_fit(results.fit),
-             _loss_memory(results), _sharded(results), _notes(results)]
+             _loss_memory(results), _sharded(results),
+             render_trl(results.trl_settings, results.trl_config, results.trl), _notes(results)]
     return "\n".join(line for part in parts for line in part).rstrip() + "\n"

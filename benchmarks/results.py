@@ -13,6 +13,7 @@ from .packing import PackingResult
 from .real_model import RealModelResult
 from .sharded import ShardedResult
 from .training import TrainingResult, TrainingSettings
+from .trl_sft import TrlResult, TrlSettings
 from .variants import REFERENCE
 
 __all__ = ["TARGETS", "BenchmarkResults", "Target", "check_targets", "ratio_of"]
@@ -40,6 +41,10 @@ class BenchmarkResults:
     loss_memory: dict[str, dict[str, LossMemoryResult]] = dataclasses.field(default_factory=dict)
     bf16_speed: dict[str, float] = dataclasses.field(default_factory=dict)
     sharded: ShardedResult | None = None
+    # kbitprep against TRL's SFTTrainer: the settings, the model config, and variant -> result.
+    trl_settings: TrlSettings | None = None
+    trl_config: dict = dataclasses.field(default_factory=dict)
+    trl: dict[str, TrlResult] = dataclasses.field(default_factory=dict)
     # What the 4-bit layers computed in (the product's rule here), and whether bf16 was treated as slow.
     compute_dtype: str = "bfloat16"
     bf16_treated_slow: bool = False

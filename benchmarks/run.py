@@ -9,7 +9,8 @@
 6. the memory model's predicted peak against `finetune`'s measured one, on a grid of real runs;
 7. the chunked loss: peak memory from preparation to the end of training, step time, final
    loss and memory per token of context, against peft's preparation + transformers' loss;
-8. `finetune --fsdp`'s loading: per-process parameter bytes and peak RSS for N = 1 and 2.
+8. `finetune --fsdp`'s loading: per-process parameter bytes and peak RSS for N = 1 and 2;
+9. kbitprep against TRL's SFTTrainer on the same QLoRA shape: peak memory and step time.
 
 Each compares kbitprep's policies with the reference, `peft.prepare_model_for_kbit_training`,
 measured in the same run. The full run takes about ten minutes on two CPU cores (more
@@ -53,10 +54,11 @@ from benchmarks.shapes import (  # noqa: E402
 )
 from benchmarks.sharded import SHARDED_CONFIG, TINY_SHARDED_CONFIG, measure_sharded  # noqa: E402
 from benchmarks.training import TrainingSettings, run_training  # noqa: E402
+from benchmarks.trl_sft import QUICK_TRL_SETTINGS, TRL_CONFIG, TrlSettings, run_trl_comparison  # noqa: E402
 from benchmarks.variants import VARIANTS  # noqa: E402
 
 TRAINED_VARIANTS = ("reference", "all", "norms")
-SECTIONS = ("real", "training", "packing", "fit", "loss-memory", "fsdp")
+SECTIONS = ("real", "training", "packing", "fit", "loss-memory", "fsdp", "trl")
 QUICK_NAME = "tiny-Qwen2"
 
 
@@ -81,11 +83,13 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--skip-loss-memory", action="store_true",
                         help="skip the chunked loss's peak memory, step time and memory per token")
     parser.add_argument("--skip-fsdp", action="store_true", help="skip the sharded (FSDP) loading")
+    parser.add_argument("--skip-trl", action="store_true", help="skip the comparison with TRL's SFTTrainer")
     parser.add_argument("--only", type=lambda text: set(text.split(",")), metavar="SECTION[,SECTION]",
                         help=f"run only these sections, of: {', '.join(SECTIONS)} (the footprint always runs)")
     parser.add_argument("--budget-minutes", type=float, default=1.0,
                         help="scales each lockstep section's time budget (training 8 min, chunked loss 4 min per "
-                             "model, at 1.0); rounds beyond it are dropped and the report says so; 0: no budget")
+                             "model, TRL comparison 3 min, at 1.0); rounds beyond it are dropped and the report "
+                             "says so; 0: no budget")
     parser.add_argument("--quick", action="store_true",
                         help="tiny models and few steps everywhere: checks the script, measures nothing useful")
     return parser
@@ -171,6 +175,14 @@ def run(args: argparse.Namespace, command: str) -> BenchmarkResults:
         _log("[8] finetune --fsdp: the 4-bit base sharded over 1 and 2 processes")
         sharded = measure_sharded(TINY_SHARDED_CONFIG if args.quick else SHARDED_CONFIG, log=_log)
 
+    trl_settings, trl_config, trl = None, {}, {}
+    if not _skip(args, "trl"):
+        _log("[9] kbitprep against TRL's SFTTrainer, one process each")
+        trl_config = dict(TINY_CONFIG if args.quick else TRL_CONFIG)
+        trl_settings = QUICK_TRL_SETTINGS if args.quick else \
+            TrlSettings(threads=args.threads or None, budget_s=_budget(args, TrlSettings().budget_s or 0))
+        trl = run_trl_comparison(trl_config, trl_settings, log=_log)
+
     return BenchmarkResults(
         command=command, started_utc=started_utc, duration_s=time.perf_counter() - started, machine=machine,
         footprint=footprint, real=real, training_config=training_config,
@@ -178,6 +190,7 @@ def run(args: argparse.Namespace, command: str) -> BenchmarkResults:
         training_settings=settings, training=training, packing=packing, fit=fit, sharded=sharded,
         loss_memory_settings=loss_settings, loss_memory_configs=loss_configs, loss_memory=loss_runs,
         bf16_speed=bf16_speed() if not _skip(args, "loss-memory") else {},
+        trl_settings=trl_settings, trl_config=trl_config, trl=trl,
         compute_dtype=str(bench_compute_dtype()).removeprefix("torch."), bf16_treated_slow=bf16_treated_slow(),
     )
 

@@ -203,3 +203,26 @@ def test_a_time_budget_cuts_the_rounds_and_the_table_says_so(tiny_row, monkeypat
     text = render(results)
     assert "3 of 6 steps (**fewer: the section's time budget" in text
     assert f"float32 compute: what kbitprep picks on this CPU, bf16 treated as slow by `{SLOW_BF16_ENV}=1`" in text
+
+
+def test_the_trl_section_runs_both_workers_in_quick_mode(tmp_path):
+    """`run.py --quick --only trl`: kbitprep's and TRL's SFTTrainer's rows, each from its own process, with figures."""
+    import json
+    import os
+    import subprocess
+
+    report, figures = tmp_path / "BENCHMARKS.md", tmp_path / "figures.json"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT / "src"),
+                                                                      os.environ.get("PYTHONPATH")]))}
+    subprocess.run([sys.executable, "benchmarks/run.py", "--quick", "--only", "trl", "--output", str(report),
+                    "--json", str(figures)], cwd=REPO_ROOT, env=env, check=True, capture_output=True, timeout=300)
+    runs = json.loads(figures.read_text())["trl"]
+    assert set(runs) == {"kbitprep", "trl"}
+    for run in runs.values():
+        assert run["peak_from_prepare_bytes"] > run["rss_after_load_bytes"] > 0
+        assert len(run["step_wall_s"]) == 3 and all(seconds > 0 for seconds in run["step_wall_s"])
+    assert runs["trl"]["options"].startswith("trl 1.")
+    text = report.read_text()
+    section = text[text.index("## kbitprep against TRL's SFTTrainer"):]
+    assert "| kbitprep \"norms\" + chunked loss |" in section and "| TRL SFTTrainer (its chunked LM head) |" in section
+    assert "| **kbitprep / TRL** |" in section
