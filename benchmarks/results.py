@@ -48,6 +48,8 @@ class BenchmarkResults:
     # What the 4-bit layers computed in (the product's rule here), and whether bf16 was treated as slow.
     compute_dtype: str = "bfloat16"
     bf16_treated_slow: bool = False
+    # The DPO step's section of BENCHMARKS.md (`benchmarks.preference_memory`), between its markers.
+    preference_memory: str | None = None
 
     def footprint_of(self, model: str) -> FootprintRow | None:
         return next((row for row in self.footprint if row.model == model), None)

@@ -11,6 +11,8 @@
    loss and memory per token of context, against peft's preparation + transformers' loss;
 8. `finetune --fsdp`'s loading: per-process parameter bytes and peak RSS for N = 1 and 2;
 9. kbitprep against TRL's SFTTrainer on the same QLoRA shape: peak memory and step time.
+10. one DPO step's peak memory, chunked log-probabilities against the full logits, at Llama-3's
+    vocabulary (`--only dpo` measures it alone and rewrites only its own section of BENCHMARKS.md).
 
 Each compares kbitprep's policies with the reference, `peft.prepare_model_for_kbit_training`,
 measured in the same run. The full run takes about ten minutes on two CPU cores (more
@@ -43,6 +45,13 @@ from benchmarks.machine import describe_machine  # noqa: E402
 from benchmarks.markdown import render  # noqa: E402
 from benchmarks.pace import SLOW_BF16_ENV, bench_compute_dtype, bf16_treated_slow, treat_bf16_as_configured  # noqa: E402
 from benchmarks.packing import PackingSettings, measure_packing  # noqa: E402
+from benchmarks.preference_memory import (  # noqa: E402
+    PREFERENCE_CONFIG,
+    PreferenceMemorySettings,
+    render_preference_memory,
+    run_preference_memory,
+    write_preference_memory,
+)
 from benchmarks.real_model import measure_real_model  # noqa: E402
 from benchmarks.results import BenchmarkResults, check_targets  # noqa: E402
 from benchmarks.shapes import (  # noqa: E402
@@ -58,7 +67,7 @@ from benchmarks.trl_sft import QUICK_TRL_SETTINGS, TRL_CONFIG, TrlSettings, run_
 from benchmarks.variants import VARIANTS  # noqa: E402
 
 TRAINED_VARIANTS = ("reference", "all", "norms")
-SECTIONS = ("real", "training", "packing", "fit", "loss-memory", "fsdp", "trl")
+SECTIONS = ("real", "training", "packing", "fit", "loss-memory", "fsdp", "trl", "dpo")
 QUICK_NAME = "tiny-Qwen2"
 
 
@@ -84,6 +93,7 @@ def _parser() -> argparse.ArgumentParser:
                         help="skip the chunked loss's peak memory, step time and memory per token")
     parser.add_argument("--skip-fsdp", action="store_true", help="skip the sharded (FSDP) loading")
     parser.add_argument("--skip-trl", action="store_true", help="skip the comparison with TRL's SFTTrainer")
+    parser.add_argument("--skip-dpo", action="store_true", help="skip the DPO step's peak memory")
     parser.add_argument("--only", type=lambda text: set(text.split(",")), metavar="SECTION[,SECTION]",
                         help=f"run only these sections, of: {', '.join(SECTIONS)} (the footprint always runs)")
     parser.add_argument("--budget-minutes", type=float, default=1.0,
@@ -182,6 +192,14 @@ def run(args: argparse.Namespace, command: str) -> BenchmarkResults:
         trl_settings = QUICK_TRL_SETTINGS if args.quick else \
             TrlSettings(threads=args.threads or None, budget_s=_budget(args, TrlSettings().budget_s or 0))
         trl = run_trl_comparison(trl_config, trl_settings, log=_log)
+    preference = None
+    if not _skip(args, "dpo"):
+        _log("[10] one DPO step's peak memory: chunked log-probabilities against the full logits")
+        # quick: the tiny model with a vocabulary large enough for the logits to show
+        config = {**TINY_CONFIG, "vocab_size": 32000} if args.quick else dict(PREFERENCE_CONFIG)
+        dpo_settings = PreferenceMemorySettings(seq_len=32, threads=1) if args.quick else PreferenceMemorySettings()
+        figures = run_preference_memory(config, dpo_settings, log=_log)
+        preference = render_preference_memory(figures, config, dpo_settings, command)
 
     return BenchmarkResults(
         command=command, started_utc=started_utc, duration_s=time.perf_counter() - started, machine=machine,
@@ -192,6 +210,7 @@ def run(args: argparse.Namespace, command: str) -> BenchmarkResults:
         bf16_speed=bf16_speed() if not _skip(args, "loss-memory") else {},
         trl_settings=trl_settings, trl_config=trl_config, trl=trl,
         compute_dtype=str(bench_compute_dtype()).removeprefix("torch."), bf16_treated_slow=bf16_treated_slow(),
+        preference_memory=preference,
     )
 
 
@@ -211,7 +230,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     treat_bf16_as_configured()
     transformers.utils.logging.disable_progress_bar()
     results = run(args, _command(argv))
-    args.output.write_text(render(results), encoding="utf-8")
+    if args.only != {"dpo"}:  # `--only dpo` rewrites its own section and nothing else
+        args.output.write_text(render(results), encoding="utf-8")
+    if results.preference_memory is not None:
+        write_preference_memory(results.preference_memory, args.output)
     if args.json:
         args.json.write_text(json.dumps(dataclasses.asdict(results), default=str, indent=1), encoding="utf-8")
     _log(f"wrote {args.output} ({results.duration_s / 60:.1f} min)")

@@ -226,3 +226,30 @@ def test_the_trl_section_runs_both_workers_in_quick_mode(tmp_path):
     section = text[text.index("## kbitprep against TRL's SFTTrainer"):]
     assert "| kbitprep \"norms\" + chunked loss |" in section and "| TRL SFTTrainer (its chunked LM head) |" in section
     assert "| **kbitprep / TRL** |" in section
+
+
+def test_the_dpo_section_measures_both_losses_and_rewrites_only_its_own_part(tmp_path):
+    """`run.py --quick --only dpo`: the full-logit and chunked DPO steps, each from its own process, written between
+    the section's markers; the rest of BENCHMARKS.md stays as it was."""
+    import os
+    import subprocess
+
+    from benchmarks.preference_memory import BEGIN, END
+
+    report = tmp_path / "BENCHMARKS.md"
+    report.write_text(f"# kept\n\n{BEGIN}\nold figures\n{END}\n\n## also kept\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT / "src"),
+                                                                      os.environ.get("PYTHONPATH")]))}
+    subprocess.run([sys.executable, "benchmarks/run.py", "--quick", "--only", "dpo", "--output", str(report)],
+                   cwd=REPO_ROOT, env=env, check=True, capture_output=True, timeout=300)
+    text = report.read_text()
+    assert text.startswith("# kept\n") and text.endswith("## also kept\n") and "old figures" not in text
+    section = text[text.index(BEGIN):text.index(END)]
+    rows = {line.split("|")[1].strip(): [cell.strip() for cell in line.split("|")[2:-1]]
+            for line in section.splitlines() if line.startswith("| ") and "MiB" not in line}
+    full, chunked = rows["full logits (`--loss full`)"], rows["chunked log-probabilities (default)"]
+    live = {name: float(row[0].replace(",", "")) for name, row in (("full", full), ("chunked", chunked))}
+    assert 0 < live["chunked"] < 0.8 * live["full"]  # 32,000 tokens of vocabulary: the logits weigh
+    for row in (full, chunked):  # the memory model's prediction for the step, within 10% of the live peak
+        assert abs(float(row[3].rstrip("%"))) <= 10, row
+    assert "TRL 1.16's DPOTrainer computes its LM head in tiles" in section
