@@ -216,6 +216,22 @@ def test_cli_json_carries_the_breakdown_and_the_fit(tmp_path: Path, capsys) -> N
     assert memory["fit"]["fits"] is True and memory["fit"]["largest_batch_size"] > 2
 
 
+def test_cli_sizes_a_preference_step_with_method(tmp_path: Path, capsys) -> None:
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(CONFIGS["gpt2"]))
+    totals = {}
+    for method in ("sft", "dpo", "orpo"):
+        assert main(["inspect", str(folder), "--json", "--seq-len", "64", "--batch-size", "2", "--loss", "full",
+                     "--device", "cpu", "--method", method]) == 0
+        memory = json.loads(capsys.readouterr().out)["memory"]
+        assert memory["settings"]["method"] == method
+        totals[method] = memory["total_bytes"]
+    assert totals["sft"] < totals["orpo"] <= totals["dpo"]  # two rows a pair; DPO adds the reference's forward
+    assert main(["inspect", str(folder), "--method", "dpo", "--batch-size", "2", "--device", "cpu"]) == 0
+    assert "batch 2 pairs (4 rows, dpo)" in capsys.readouterr().out
+
+
 def test_live_bytes_counts_allocations_and_frees() -> None:
     with LiveBytes() as counter:
         a = torch.empty(1000, dtype=torch.float32)

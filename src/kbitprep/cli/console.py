@@ -209,11 +209,18 @@ def render_inspect_report(console: Console, report: InspectReport) -> None:
                     console.print(f"{label} ({policy}): {message}", markup=False, highlight=False, style="yellow")
 
 
+def _step_rows(settings: Any) -> str:
+    """The batch as the step holds it: "2" rows, or for a preference method "2 pairs (4 rows), dpo"."""
+    if settings.method == "sft":
+        return str(settings.batch_size)
+    return f"{settings.batch_size} pairs ({2 * settings.batch_size} rows, {settings.method})"
+
+
 def render_memory_report(console: Console, report: MemoryReport) -> None:
     """A training step's predicted peak, part by part, and what fits a budget."""
     estimate, settings = report.estimate, report.estimate.settings
     console.print(
-        f"\n[bold]training step memory[/]  batch {settings.batch_size} x {settings.seq_len} tokens, LoRA r="
+        f"\n[bold]training step memory[/]  batch {_step_rows(settings)} x {settings.seq_len} tokens, LoRA r="
         f"{settings.lora_r}, loss {settings.loss}, upcast {settings.upcast}, checkpointing "
         f"{'on' if settings.gradient_checkpointing else 'off'}, {settings.optim}, on {settings.device} "
         f"({estimate.compute_dtype})", highlight=False)
