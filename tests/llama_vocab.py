@@ -18,8 +18,13 @@ from typing import Any
 
 VOCAB = Path(__file__).resolve().parents[1] / ".cache" / "llama-vocab"
 REBUILT = VOCAB / "transformers"
-# The vocabularies kbitprep writes and transformers rebuilds from llama.cpp's files.
-NAMES = ("qwen2", "gpt-2", "starcoder", "llama-spm", "phi-3")
+CONTROL = 3  # gguf.TokenType.CONTROL
+# The vocabularies kbitprep writes and transformers rebuilds from llama.cpp's files; llama-bpe
+# (Llama-3) is built here instead (see `llama3_tokenizer`).
+NAMES = ("qwen2", "gpt-2", "starcoder", "llama-spm", "phi-3", "llama-bpe")
+# Llama-3's pre-tokenizer split, as published in Meta's tokenizer.json (a fact, not code).
+LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+                r"\s*[\r\n]+|\s+(?!\S)|\s+")
 
 
 class MissingVocabError(FileNotFoundError):
@@ -51,10 +56,40 @@ def rebuilt_folder(name: str) -> Path:
     staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=REBUILT))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        AutoTokenizer.from_pretrained(source.parent, gguf_file=source.name).save_pretrained(staging)
+        if name == "llama-bpe":
+            llama3_tokenizer(source).save_pretrained(staging)
+        else:
+            AutoTokenizer.from_pretrained(source.parent, gguf_file=source.name).save_pretrained(staging)
     shutil.rmtree(folder, ignore_errors=True)
     staging.rename(folder)  # whole or not at all: a stopped build leaves only its hidden staging folder
     return folder
+
+
+def llama3_tokenizer(source: Path) -> Any:
+    """Llama-3's tokenizer from llama.cpp's `ggml-vocab-llama-bpe.gguf`: its tokens and merges, Llama-3's split.
+
+    transformers' own rebuild from that file splits differently (llama.cpp names it smaug-bpe), so it
+    is built with the tokenizers library: byte-level BPE over the file's vocabulary and merges, the
+    published split expression, the control tokens as special tokens and bos prepended.
+    """
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    fields = tokenizer_fields(source)
+    tokens, types = fields["tokenizer.ggml.tokens"], fields["tokenizer.ggml.token_type"]
+    merges = [tuple(merge.split(" ", 1)) for merge in fields["tokenizer.ggml.merges"]]
+    tokenizer = Tokenizer(models.BPE(vocab={token: i for i, token in enumerate(tokens)}, merges=merges,
+                                     ignore_merges=True))
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(LLAMA3_SPLIT), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.add_special_tokens([AddedToken(token, special=True, normalized=False)
+                                  for token, kind in zip(tokens, types, strict=True) if kind == CONTROL])
+    bos, eos = tokens[fields["tokenizer.ggml.bos_token_id"]], tokens[fields["tokenizer.ggml.eos_token_id"]]
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, fields["tokenizer.ggml.bos_token_id"])])
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token=bos, eos_token=eos)
 
 
 def tokenizer_fields(path: Path) -> dict[str, Any]:

@@ -1,10 +1,11 @@
 """The GGUF's tokenizer against llama.cpp's own vocab-only files (`make install` fetches them).
 
-For each real vocabulary llama.cpp ships that kbitprep writes (byte-level BPE: qwen2, gpt-2,
-starcoder; sentencepiece: llama-spm, phi-3), the training tokenizer is transformers' rebuild of
-llama.cpp's file; kbitprep's GGUF of it holds the same model, pre-tokenizer, tokens, types,
-merges, special ids and add_bos/add_eos as llama.cpp's file, and that tokenizer encodes
-llama.cpp's test strings (.inp) to llama.cpp's ids (.out). Intended differences, by name:
+For each real vocabulary llama.cpp ships that kbitprep writes (byte-level BPE: llama-bpe, qwen2,
+gpt-2, starcoder; sentencepiece: llama-spm, phi-3), the training tokenizer is transformers' rebuild
+of llama.cpp's file (Llama-3's is built from the file and its published split: tests/llama_vocab.py);
+kbitprep's GGUF of it holds the same model, pre-tokenizer, tokens, types, merges, special ids and
+add_bos/add_eos as llama.cpp's file, and that tokenizer encodes llama.cpp's test strings (.inp) to
+llama.cpp's ids (.out). Intended differences, by name:
 - scores of a byte-fallback tokenizer.json come from its merge ranks (llama.cpp's file has
   sentencepiece's own); the test checks that byte tokens score 0 and merged tokens by rank;
 - the unk token is UNKNOWN (Phi-3's file says CONTROL, its tokenizer_config listed it special),
@@ -25,6 +26,9 @@ from kbitprep.app.export.stops import end_of_turn_ids
 from llama_vocab import MissingVocabError, rebuilt_folder, reference_fields, tokenizer_fields, vocab_file
 
 UNUSED, UNKNOWN = 5, 2
+# What llama.cpp assumes for a file without the add_* flags (src/llama-vocab.cpp, load: llama3's pre
+# type sets add_bos); every other flag defaults to false.
+LLAMA_CPP_FLAG_DEFAULTS = {"llama-bpe": {"tokenizer.ggml.add_bos_token": True}}
 
 
 def _vocab_file(name: str) -> Path:
@@ -56,7 +60,7 @@ def written(tmp_path_factory: pytest.TempPathFactory):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["qwen2", "gpt-2", "starcoder", "llama-spm", "phi-3"])
+@pytest.mark.parametrize("name", ["llama-bpe", "qwen2", "gpt-2", "starcoder", "llama-spm", "phi-3"])
 def test_the_tokenizer_fields_are_llama_cpps_own(written, name: str) -> None:
     tokenizer, reference, ours = written(name)
     reference, ours = dict(reference), dict(ours)  # the fixture's are kept for the next test
@@ -66,6 +70,9 @@ def test_the_tokenizer_fields_are_llama_cpps_own(written, name: str) -> None:
         assert eot == tokenizer.convert_tokens_to_ids("<|im_end|>")
     scores, reference_scores = ours.pop("tokenizer.ggml.scores", None), reference.pop("tokenizer.ggml.scores", None)
     types, reference_types = ours.pop("tokenizer.ggml.token_type"), reference.pop("tokenizer.ggml.token_type")
+    for key in [key for key in ours if key.startswith("tokenizer.ggml.add_") and key not in reference]:
+        # an older file without the flag: llama.cpp applies its default for the pre-tokenizer instead
+        assert ours.pop(key) == LLAMA_CPP_FLAG_DEFAULTS.get(reference["tokenizer.ggml.pre"], {}).get(key, False), key
     assert ours == reference
     differ = {i for i, (a, b) in enumerate(zip(types, reference_types, strict=True)) if a != b}
     tokens = reference["tokenizer.ggml.tokens"]
@@ -78,7 +85,8 @@ def test_the_tokenizer_fields_are_llama_cpps_own(written, name: str) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["qwen2"])  # transformers rebuilds llama-spm with other ids for some strings
+# transformers rebuilds llama-spm with other ids for some strings
+@pytest.mark.parametrize("name", ["llama-bpe", "qwen2"])
 def test_the_training_tokenizer_gives_llama_cpps_ids_for_its_test_strings(written, name: str) -> None:
     tokenizer, _, _ = written(name)
     path = _vocab_file(name)
