@@ -39,8 +39,8 @@ def test_read_jsonl_reads_both_row_forms_and_skips_blank_lines(tmp_path: Path) -
     (b'{"text": "ok"}\n{"prompt": "p"}\n', 'rows.jsonl:2: has "prompt" but no "completion"'),
     (b'{"completion": "c"}\n', 'rows.jsonl:1: has "completion" but no "prompt"'),
     (b'{"txt": "typo"}\n',
-     "rows.jsonl:1: the row matches no data format (its keys: txt); kbitprep reads messages (messages); "
-     "sharegpt (conversations); alpaca (instruction, output); text (text); prompt-completion (prompt, completion)"),
+     "rows.jsonl:1: the row matches no data format (its keys: txt); kbitprep reads preference (prompt, chosen, "
+     "rejected); messages (messages); sharegpt (conversations); alpaca (instruction, output); text (text); prompt-completion (prompt, completion)"),
     (b'{"text": 3}\n', 'rows.jsonl:1: "text" must be a string, not int'),
     (b'{"text": "ok"}\n{"text": "caf\xe9"}\n', "rows.jsonl:2: not UTF-8 text"),
     (b"\n  \n", "rows.jsonl: holds no rows"),
