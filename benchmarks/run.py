@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import re
 import shlex
 import sys
 import time
@@ -223,6 +224,18 @@ def _command(argv: Sequence[str]) -> str:
     return shlex.join([str(python), "benchmarks/run.py", *argv])
 
 
+# A section another script writes between its own markers (`<!-- NAME: begin -->` ... `<!-- NAME: end -->`:
+# make sweep, real_vocab_fit.py, make gguf-bench); a run that does not write it keeps it as it was.
+_MARKED = re.compile(r"<!-- ([\w-]+): begin -->.*?<!-- \1: end -->", re.S)
+
+
+def with_kept_sections(text: str, path: Path) -> str:
+    """`text`, with the marked sections of the file at `path` that `text` does not write appended as they were."""
+    current = path.read_text(encoding="utf-8") if path.exists() else ""
+    kept = [match.group(0) for match in _MARKED.finditer(current) if f"<!-- {match.group(1)}: begin -->" not in text]
+    return "\n\n".join([text.rstrip("\n"), *kept]) + "\n"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = _parser().parse_args(argv)
@@ -231,7 +244,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     transformers.utils.logging.disable_progress_bar()
     results = run(args, _command(argv))
     if args.only != {"dpo"}:  # `--only dpo` rewrites its own section and nothing else
-        args.output.write_text(render(results), encoding="utf-8")
+        args.output.write_text(with_kept_sections(render(results), args.output), encoding="utf-8")
     if results.preference_memory is not None:
         write_preference_memory(results.preference_memory, args.output)
     if args.json:

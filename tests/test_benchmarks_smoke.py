@@ -253,3 +253,15 @@ def test_the_dpo_section_measures_both_losses_and_rewrites_only_its_own_part(tmp
     for row in (full, chunked):  # the memory model's prediction for the step, within 10% of the live peak
         assert abs(float(row[3].rstrip("%"))) <= 10, row
     assert "TRL 1.16's DPOTrainer computes its LM head in tiles" in section
+
+
+def test_a_bench_run_keeps_the_sections_other_scripts_wrote(tmp_path: Path) -> None:
+    from benchmarks.run import with_kept_sections
+
+    path = tmp_path / "BENCHMARKS.md"
+    sweep = "<!-- memory-sweep: begin -->\n## sweep\n| a |\n<!-- memory-sweep: end -->"
+    path.write_text(f"# old run\n\n{sweep}\n\n<!-- trl-sft: begin -->\nold trl\n<!-- trl-sft: end -->\n")
+    text = with_kept_sections("# new run\n\n<!-- trl-sft: begin -->\nnew trl\n<!-- trl-sft: end -->\n", path)
+    assert text.startswith("# new run") and "old run" not in text
+    assert sweep in text  # written by make sweep, kept as it was
+    assert "new trl" in text and "old trl" not in text  # written by this run: the new one only
