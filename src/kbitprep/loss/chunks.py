@@ -187,6 +187,16 @@ def _module_backward(tensors: _Tensors, grads: _Grads, rows: slice, grad_logits:
             grad.add_(value.float())
 
 
+def _chunk_backward(run: _Run, tensors: _Tensors, grads: _Grads, h: torch.Tensor, rows: slice,
+                    grad_logits: torch.Tensor, autograd_pair: Any) -> None:
+    """One chunk's share of the gradients, from its logits' gradient: the adapters', then the head's and h's."""
+    _adapters_backward(run, tensors, grads, rows, grad_logits)
+    if autograd_pair is not None:
+        _module_backward(tensors, grads, rows, grad_logits, *autograd_pair)
+    else:
+        _linear_backward(run, tensors, grads, h, rows, grad_logits)
+
+
 def _run_chunks(run: _Run, hidden: torch.Tensor, tensors: _Tensors,
                 needs: Sequence[bool] | None) -> tuple[torch.Tensor, _Grads | None]:
     """The scaled loss over all chunks and, when `needs` is given, the scaled gradients."""
@@ -199,11 +209,7 @@ def _run_chunks(run: _Run, hidden: torch.Tensor, tensors: _Tensors,
         loss, grad_logits = _cross_entropy(run, logits, run.targets[rows], grads is not None)
         total += loss
         if grads is not None and grad_logits is not None:
-            _adapters_backward(run, tensors, grads, rows, grad_logits)
-            if autograd_pair is not None:
-                _module_backward(tensors, grads, rows, grad_logits, *autograd_pair)
-            else:
-                _linear_backward(run, tensors, grads, h, rows, grad_logits)
+            _chunk_backward(run, tensors, grads, h, rows, grad_logits, autograd_pair)
         del logits, grad_logits, autograd_pair  # free the chunk before the next one
     return (total * run.scale).float(), grads
 

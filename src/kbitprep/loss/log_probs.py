@@ -25,15 +25,7 @@ import torch
 from torch import nn
 
 from .causal_lm import _captured_head_input, _check_targets, _chunk_inputs, _selected, _targets
-from .chunks import (
-    _adapters_backward,
-    _Grads,
-    _head_logits,
-    _linear_backward,
-    _module_backward,
-    _Run,
-    _Tensors,
-)
+from .chunks import _chunk_backward, _Grads, _head_logits, _Run, _Tensors
 from .common import IGNORE_INDEX, LossInputError
 from .plan import _resolve
 
@@ -76,11 +68,7 @@ def _run_log_probs(run: _Run, hidden: torch.Tensor, tensors: _Tensors, needs: Se
         chunk_weights = weights[rows] if grads is not None and weights is not None else None
         out[rows], grad_logits = _chunk_log_probs(run, logits, run.targets[rows], chunk_weights)
         if grads is not None and grad_logits is not None:
-            _adapters_backward(run, tensors, grads, rows, grad_logits)
-            if autograd_pair is not None:
-                _module_backward(tensors, grads, rows, grad_logits, *autograd_pair)
-            else:
-                _linear_backward(run, tensors, grads, h, rows, grad_logits)
+            _chunk_backward(run, tensors, grads, h, rows, grad_logits, autograd_pair)
         del logits, grad_logits, autograd_pair  # free the chunk before the next one
     return out, grads
 
