@@ -36,15 +36,13 @@ import torch
 from .checkpoints import load_4bit, save_random_checkpoint
 from .pace import treat_bf16_as_configured
 from .training import (
-    _DONE,
     _FINISH,
-    _READY,
     TrainingSettings,
     _reset_peak_rss,
     _rss_bytes,
     _serve,
     _Worker,
-    run_rounds,
+    drive_workers,
     synthetic_batches,
 )
 
@@ -217,20 +215,7 @@ def run_loss_memory(config: Mapping[str, Any], settings: LossMemorySettings, *, 
         checkpoint = save_random_checkpoint(config, Path(tmp) / "model", seed=settings.seed)
         workers = [_Worker(checkpoint, name, settings, Path(tmp) / f"{name}.json", Path(tmp),
                            module="benchmarks.loss_memory") for name in LOSS_VARIANTS]
-        try:
-            for worker in workers:
-                worker.expect(_READY)
-            run_rounds(workers, settings.steps, settings.warmup, settings.budget_s, "loss rounds", log)
-            for worker in workers:  # one at a time: the peaks are measured without a neighbour's steps
-                for command in (_SLOPE, _FINISH):
-                    worker.send(command)
-                    worker.expect(_DONE)
-                worker.process.wait()
-        finally:
-            for worker in workers:
-                if worker.process.poll() is None:
-                    worker.process.kill()
-                    worker.process.wait()
+        drive_workers(workers, settings, "loss rounds", log, finish=(_SLOPE, _FINISH))
         results = {w.name: LossMemoryResult(**json.loads(w.output.read_text())) for w in workers}
     for name, result in results.items():
         log(f"    {name}: peak {result.peak_from_prepare_bytes / 2**20:,.0f} MiB, median step "

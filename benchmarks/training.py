@@ -326,24 +326,37 @@ def run_training(config: Mapping[str, Any], variants: Sequence[str], settings: T
     with tempfile.TemporaryDirectory(prefix="kbitprep-bench-train-", dir=workdir) as tmp:
         checkpoint = save_random_checkpoint(config, Path(tmp) / "model", seed=settings.seed)
         workers = [_Worker(checkpoint, name, settings, Path(tmp) / f"{name}.json", Path(tmp)) for name in variants]
-        try:
-            for worker in workers:
-                worker.expect(_READY)
-            log(f"  {len(workers)} workers loaded and prepared; {settings.steps} rounds of steps")
-            run_rounds(workers, settings.steps, settings.warmup, settings.budget_s, "training rounds", log)
-            for worker in workers:
-                worker.send(_FINISH)
-                worker.expect(_DONE)
-                worker.process.wait()
-        finally:
-            for worker in workers:
-                if worker.process.poll() is None:
-                    worker.process.kill()
-                    worker.process.wait()
+        drive_workers(workers, settings, "training rounds", log)
         results = {worker.name: TrainingResult(**json.loads(worker.output.read_text())) for worker in workers}
     for name, result in results.items():
         log(f"  training {name}: median step {result.median_step_s:.2f} s, final loss {result.final_loss:.4f}")
     return results
+
+
+def drive_workers(workers: Sequence[_Worker], settings: Any, label: str, log: Callable[[str], None], *,
+                  finish: Sequence[str] = (_FINISH,)) -> int:
+    """A lockstep section from start to end: each worker ready, the rounds, then each given `finish`'s
+    commands in turn (one at a time: its last figures are measured without a neighbour's steps).
+    A worker still running when this returns or fails is killed. Returns the rounds run.
+
+    `settings` has `steps`, `warmup` and `budget_s` (TrainingSettings and the sections' own).
+    """
+    try:
+        for worker in workers:
+            worker.expect(_READY)
+        log(f"  {len(workers)} workers loaded and prepared; {settings.steps} rounds of steps")
+        rounds = run_rounds(workers, settings.steps, settings.warmup, settings.budget_s, label, log)
+        for worker in workers:
+            for command in finish:
+                worker.send(command)
+                worker.expect(_DONE)
+            worker.process.wait()
+        return rounds
+    finally:
+        for worker in workers:
+            if worker.process.poll() is None:
+                worker.process.kill()
+                worker.process.wait()
 
 
 def run_rounds(workers: Sequence[_Worker], requested: int, warmup: int, budget_s: float | None, label: str,

@@ -47,7 +47,7 @@ from .training import (
     _rss_bytes,
     _serve,
     _Worker,
-    run_rounds,
+    drive_workers,
     synthetic_batches,
 )
 
@@ -245,19 +245,7 @@ def run_trl_comparison(config: Mapping[str, Any], settings: TrlSettings, *, work
         checkpoint = save_random_checkpoint(config, Path(tmp) / "model", seed=settings.seed)
         workers = [_Worker(checkpoint, name, settings, Path(tmp) / f"{name}.json", Path(tmp),
                            module="benchmarks.trl_sft") for name in TRL_VARIANTS]
-        try:
-            for worker in workers:
-                worker.expect(_READY)
-            run_rounds(workers, settings.steps, settings.warmup, settings.budget_s, "trl rounds", log)
-            for worker in workers:
-                worker.send(_FINISH)
-                worker.expect(_DONE)
-                worker.process.wait()
-        finally:
-            for worker in workers:
-                if worker.process.poll() is None:
-                    worker.process.kill()
-                    worker.process.wait()
+        drive_workers(workers, settings, "trl rounds", log)
         results = {w.name: TrlResult(**json.loads(w.output.read_text())) for w in workers}
     for name, result in results.items():
         log(f"    {name}: peak {result.peak_from_prepare_bytes / 2**20:,.0f} MiB, median step "
