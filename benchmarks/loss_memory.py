@@ -37,6 +37,7 @@ from .checkpoints import load_4bit, save_random_checkpoint
 from .pace import treat_bf16_as_configured
 from .training import (
     _FINISH,
+    StepTimes,
     TrainingSettings,
     _reset_peak_rss,
     _rss_bytes,
@@ -93,26 +94,13 @@ class LossMemorySettings:
 
 
 @dataclasses.dataclass(frozen=True)
-class LossMemoryResult:
+class LossMemoryResult(StepTimes):
     """One variant on one model shape, as its worker reported it."""
 
-    variant: str
-    losses: list[float]
-    step_wall_s: list[float]
-    step_cpu_s: list[float]
-    warmup: int
     peak_from_prepare_bytes: int
     rss_after_load_bytes: int
     peak_by_tokens: dict[str, int]  # batch tokens (as a string: JSON keys) -> peak RSS of one step
     loss_plan: dict[str, Any] | None
-
-    @property
-    def median_step_s(self) -> float:
-        return statistics.median(self.step_wall_s[self.warmup:])
-
-    @property
-    def final_loss(self) -> float:
-        return self.losses[-1]
 
     @property
     def slope_bytes_per_token(self) -> float:

@@ -13,7 +13,7 @@ from .pace import SLOW_BF16_ENV
 from .packing import render_packing
 from .results import BenchmarkResults, check_targets, ratio_of
 from .shapes import published_source
-from .training import PATTERN_TOKENS, WARNING_STEPS, WORKER_ENV, TrainingResult, TrainingSettings
+from .training import PATTERN_TOKENS, WARNING_STEPS, WORKER_ENV, TrainingSettings
 from .trl_sft import render_trl
 from .variants import REFERENCE, VARIANTS
 
@@ -154,7 +154,7 @@ def _validation(results: BenchmarkResults) -> list[str]:
         rows.append([_label(name), _fmt(meta_bytes), _fmt(planned_one), _fmt(measured),
                      _agree(meta_bytes, planned_one, measured)])
     lines += _table(["", "meta", "planned on the real model", "measured after real preparation", "all agree"], rows)
-    lines += ["", f"Not counted anywhere above, because it is neither a parameter nor a buffer: the 4-bit quantization",
+    lines += ["", "Not counted anywhere above, because it is neither a parameter nor a buffer: the 4-bit quantization",
               f"state (absmax, code, nested state), {real.quant_state_bytes:,} bytes "
               f"({_mib(real.quant_state_bytes)} MiB)",
               f"on {real.model}, the same under every variant.", ""]
@@ -273,7 +273,7 @@ def _prepare_time(results: BenchmarkResults) -> list[str]:
     return [
         f"## 3. Preparation time ({real.model}, real 4-bit model)",
         "",
-        f"Wall time of the preparation call alone, on a fresh load each time (the model is reloaded from disk",
+        "Wall time of the preparation call alone, on a fresh load each time (the model is reloaded from disk",
         f"between runs; variants take turns), median of {repeats}. kbitprep's time includes making its plan.",
         f"Loading took {min(real.load_s):.1f}-{max(real.load_s):.1f} s per load, for comparison.",
         "",
@@ -298,7 +298,7 @@ def _warnings(results: BenchmarkResults) -> list[str]:
     return [
         "## 4. Warnings",
         "",
-        f"Python warnings and warning-level log lines (transformers reports some through its logger) emitted",
+        "Python warnings and warning-level log lines (transformers reports some through its logger) emitted",
         f"while preparing and during the first {WARNING_STEPS} training steps, in the training processes above,",
         "every occurrence counted (filter \"always\"). Attaching LoRA (`peft.get_peft_model`, the same call for",
         "every variant) is counted apart: it triggers transformers' FutureWarning about `is_gradient_checkpointing`",

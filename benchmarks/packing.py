@@ -141,8 +141,8 @@ def _figures(batches: Sequence[dict[str, Any]], rounds: list[list[float]]) -> Mo
 
 def measure_packing(settings: PackingSettings | None = None, *, log: Callable[[str], None] = print) -> PackingResult:
     """Train the same rows padded and packed; return both modes' figures."""
-    from kbitprep.app.data.tokenize import CausalLMCollator
     from kbitprep.app.data.packing import check_packing, pack_examples
+    from kbitprep.app.data.tokenize import CausalLMCollator
 
     settings = settings or PackingSettings()
     threads = torch.get_num_threads()

@@ -150,9 +150,9 @@ def _worker(checkpoint: str, output: str) -> None:
     import torch.distributed as dist
     from peft import LoraConfig, get_peft_model
 
-    from kbitprep.app.training.run import linear_layer_names
     from kbitprep.app.distributed.fsdp import load_sharded, peak_rss_bytes, prepare_for_sharding, shard_stats
     from kbitprep.app.model.loading import check_model_folder, compute_dtype, load_quantized_model
+    from kbitprep.app.training.run import linear_layer_names
     from kbitprep.sizing import build_meta_model
 
     def build(model):

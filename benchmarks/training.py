@@ -86,29 +86,19 @@ class TrainingSettings:
 
 
 @dataclasses.dataclass(frozen=True)
-class TrainingResult:
-    """One variant's training run, as its worker reported it."""
+class StepTimes:
+    """A worker's losses and step times, the first `warmup` steps left out of the medians."""
 
     variant: str
     losses: list[float]
     step_wall_s: list[float]
     step_cpu_s: list[float]
     warmup: int
-    peak_rss_bytes: int
-    peak_rss_from_prepare_bytes: int | None
-    ru_maxrss_bytes: int
-    rss_after_load_bytes: int
-    warnings_prepare: list[dict[str, str]]
-    warnings_lora: list[dict[str, str]]
-    warnings_steps: list[dict[str, str]]
-    trainable_parameters: int
-    torch_threads: int
-    compute_dtype: str = "bfloat16"  # what the 4-bit layers computed in (`pace.bench_compute_dtype`)
 
     @property
     def steps(self) -> int:
-        """Steps run: `TrainingSettings.steps`, or fewer where the time budget cut the rounds."""
-        return len(self.losses)
+        """Steps run: the settings' steps, or fewer where a time budget cut the rounds."""
+        return len(self.step_wall_s)
 
     @property
     def median_step_s(self) -> float:
@@ -121,6 +111,22 @@ class TrainingResult:
     @property
     def final_loss(self) -> float:
         return self.losses[-1]
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainingResult(StepTimes):
+    """One variant's training run, as its worker reported it."""
+
+    peak_rss_bytes: int
+    peak_rss_from_prepare_bytes: int | None
+    ru_maxrss_bytes: int
+    rss_after_load_bytes: int
+    warnings_prepare: list[dict[str, str]]
+    warnings_lora: list[dict[str, str]]
+    warnings_steps: list[dict[str, str]]
+    trainable_parameters: int
+    torch_threads: int
+    compute_dtype: str = "bfloat16"  # what the 4-bit layers computed in (`pace.bench_compute_dtype`)
 
     @property
     def warnings_prepare_and_steps(self) -> list[dict[str, str]]:

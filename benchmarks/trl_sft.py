@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import statistics
 import sys
 import tempfile
 import time
@@ -43,6 +42,7 @@ from .training import (
     _FINISH,
     _READY,
     _STEP,
+    StepTimes,
     _reset_peak_rss,
     _rss_bytes,
     _serve,
@@ -103,30 +103,13 @@ QUICK_TRL_SETTINGS = TrlSettings(seq_len=32, batch_size=1, steps=3, warmup=1)
 
 
 @dataclasses.dataclass(frozen=True)
-class TrlResult:
+class TrlResult(StepTimes):
     """One worker's figures."""
 
-    variant: str
-    losses: list[float]
-    step_wall_s: list[float]
-    step_cpu_s: list[float]
-    warmup: int
     peak_from_prepare_bytes: int
     rss_after_load_bytes: int
     compute_dtype: str
     options: str
-
-    @property
-    def steps(self) -> int:
-        return len(self.step_wall_s)
-
-    @property
-    def median_step_s(self) -> float:
-        return statistics.median(self.step_wall_s[self.warmup:])
-
-    @property
-    def median_step_cpu_s(self) -> float:
-        return statistics.median(self.step_cpu_s[self.warmup:])
 
 
 class _KbitprepRun:
