@@ -123,6 +123,7 @@ def test_plan_golden_tiny_llama_4bit(zoo) -> None:
         "training_layout": [f"model.layers.0.{layer}" for layer in
                             ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
                              "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")] if has_avx512bf16() else [],
+        "unquantized_weights": [],  # every weight matrix is in a linear layer or the embeddings
     }
     norms = plan_preparation(model, upcast="norms")
     assert norms.bytes_after == 3328 + 3 * 32

@@ -116,6 +116,9 @@ SLOW_PRECISION = warning_code("slow-precision",
                               "layers will compute in a half precision this device computes slowly")
 SLOW_HEAD_PRECISION = warning_code("slow-head-precision",
                                    "the LM head will compute in a half precision this device computes slowly")
+WEIGHTS_NOT_QUANTIZED = warning_code(
+    "weights-not-quantized", "a large share of the weights lies outside linear layers, which the backend left "
+    "unquantized (a mixture of experts stored as 3-D parameters)")
 NO_PARAMETERS = error_code("no-parameters", "the model has no parameters to prepare or train")
 META_DEVICE = error_code("meta-device", "parameters are on the meta device: the weights were never loaded")
 
@@ -184,6 +187,8 @@ class PreparationPlan:
         kept_trainable (tuple[str, ...]): parameters left trainable (adapters of a PeftModel).
         training_layout (tuple[str, ...]): layers the backend switches to a layout autograd
             can train through (e.g. 4-bit layers that a CPU kernel repacks for inference).
+        unquantized_weights (tuple[str, ...]): weight matrices of a quantized model that lie outside
+            linear layers and embeddings, so the backend left them in float (fused MoE experts).
         parameter_counts (dict[str, int]): logical values by kind: quantized, float, other.
         bytes_before (int): parameter + buffer bytes now (shared tensors once).
         checkpointing (CheckpointingPlan): the checkpointing settings.
@@ -203,6 +208,7 @@ class PreparationPlan:
     checkpointing: CheckpointingPlan
     diagnostics: tuple[Diagnostic, ...] = ()
     training_layout: tuple[str, ...] = ()
+    unquantized_weights: tuple[str, ...] = ()
 
     @property
     def quantization(self) -> str | None:
@@ -250,6 +256,7 @@ class PreparationPlan:
             "errors": list(self.errors),
             "diagnostics": [d.to_dict() for d in self.diagnostics],
             "training_layout": list(self.training_layout),
+            "unquantized_weights": list(self.unquantized_weights),
         }
 
     def __str__(self) -> str:
@@ -332,8 +339,62 @@ def _count_parameters(owned: _Owned, detection: Detection) -> dict[str, int]:
     return counts
 
 
+# A quantized model whose weights outside linear layers reach this share of its bytes is warned about.
+UNQUANTIZED_SHARE = 0.10
+
+
+def _output_head(model: nn.Module) -> nn.Module | None:
+    getter = getattr(model, "get_output_embeddings", None)
+    try:
+        head = getter() if callable(getter) else None
+    except (AttributeError, NotImplementedError):  # a model that declares the method but has no head
+        return None
+    return head if isinstance(head, nn.Module) else None
+
+
+def _unquantized_weights(model: nn.Module, owned: _Owned, detection: Detection) -> tuple[OwnedParameter, ...]:
+    """The weight matrices a quantized model holds in float outside linear layers and embeddings.
+
+    A backend quantizes linear layers (`nn.Linear`, transformers' `Conv1D`); a weight of two or
+    more dimensions held by another module stays as it was loaded. Transformers 5 stores a
+    mixture-of-experts layer's experts so: one 3-D parameter per projection, every expert a slice.
+    """
+    if detection.backend is None:
+        return ()
+    head = _output_head(model)
+    return tuple(entry for entry in owned
+                 if is_plain_tensor(entry[1]) and entry[1].is_floating_point() and entry[1].dim() >= 2
+                 and not isinstance(entry[2], (nn.Linear, nn.Embedding, nn.EmbeddingBag))
+                 and type(entry[2]).__name__ != "Conv1D" and entry[2] is not head)
+
+
+def _unquantized_warning(owned: _Owned, loose: tuple[OwnedParameter, ...], detection: Detection) -> list[Diagnostic]:
+    loose_bytes = sum(tensor_bytes(param) for _, param, _ in loose)
+    total = sum(tensor_bytes(param) for _, param, _ in owned)
+    if not total or loose_bytes < UNQUANTIZED_SHARE * total:
+        return []
+    by_class: dict[str, list[OwnedParameter]] = {}
+    for entry in loose:
+        by_class.setdefault(type(entry[2]).__name__, []).append(entry)
+    ranked = sorted(by_class.items(), key=lambda item: -sum(tensor_bytes(p) for _, p, _ in item[1]))
+    holders = ", ".join(f"{len(entries)} in {cls} (first: {entries[0][0]})" for cls, entries in ranked[:3])
+    dtypes = "/".join(sorted({str(param.dtype).removeprefix("torch.") for _, param, _ in loose}))
+    values = sum(param.numel() for _, param, _ in loose)
+    experts = any(param.dim() == 3 for _, param, _ in loose)
+    why = (" Transformers stores a mixture-of-experts layer's experts as 3-D parameters (one slice per expert), "
+           "not as linear layers, so they are not quantized, and LoRA adapts only the linear layers around them."
+           if experts else "")
+    fix = "Count these bytes before training (kbitprep inspect --memory sizes the run with them)"
+    fix += ("; to have the experts quantized, use a transformers release before 5.0, where each expert is a set of "
+            "linear layers (for the families it has)." if experts else ".")
+    return [WEIGHTS_NOT_QUANTIZED(
+        f"{format_bytes(loose_bytes)} of the model's {format_bytes(total)} of parameters "
+        f"({loose_bytes / total:.0%}; {format_count(values)} values in {dtypes}) lie outside linear layers and "
+        f"are not quantized by {detection.name}: {len(loose)} weight tensors, {holders}.{why} {fix}")]
+
+
 def _model_warnings(model: nn.Module, owned: _Owned, detection: Detection, upcast: str,
-                    casts: tuple[Cast, ...]) -> list[Diagnostic]:
+                    casts: tuple[Cast, ...], loose: tuple[OwnedParameter, ...]) -> list[Diagnostic]:
     found: list[Diagnostic] = []
     if _is_peft_model(model):
         found.append(PEFT_MODEL(
@@ -355,6 +416,7 @@ def _model_warnings(model: nn.Module, owned: _Owned, detection: Detection, upcas
             f"{len(unknown)} parameter(s) are tensor subclasses kbitprep does not know (first: {first}, a "
             f"{cls.__module__}.{cls.__qualname__}); they are left exactly as they are and never cast.{treated} "
             "If they are not quantized weights, make them plain torch.nn.Parameter before preparing."))
+    found += _unquantized_warning(owned, loose, detection)
     return found + detection.behaviour.diagnostics(model, owned, upcast=upcast, casts=len(casts))
 
 
@@ -369,8 +431,7 @@ def _slow_precision_warnings(model: nn.Module, owned: _Owned, casts: tuple[Cast,
     slow = slow_layers(model, lambda param: TARGET_DTYPE if id(param) in cast_ids else param.dtype)
     if not slow:
         return []
-    getter = getattr(model, "get_output_embeddings", None)
-    head = getter() if callable(getter) else None
+    head = _output_head(model)
     head_names = {name for name, module in model.named_modules() if head is not None and module is head}
     found = []
     heads = [layer for layer in slow if layer.name in head_names]
@@ -461,7 +522,8 @@ def plan_preparation(
     )
     keep = _is_peft_model(model)
     trainable = [name for name, param, _ in owned if param.requires_grad]
-    diagnostics = [*_model_warnings(model, owned, detection, upcast, casts),
+    loose = _unquantized_weights(model, owned, detection)
+    diagnostics = [*_model_warnings(model, owned, detection, upcast, casts, loose),
                    *_slow_precision_warnings(model, owned, casts, detection), *checkpointing.warnings,
                    *_model_errors(model, owned), *checkpointing.errors]
 
@@ -474,6 +536,7 @@ def plan_preparation(
         kept_trainable=tuple(trainable) if keep else (),
         parameter_counts=_count_parameters(owned, detection),
         training_layout=detection.behaviour.training_layout(model),
+        unquantized_weights=tuple(name for name, _, _ in loose),
         bytes_before=model_bytes(model),
         checkpointing=checkpointing.plan,
         diagnostics=tuple(diagnostics),

@@ -208,7 +208,8 @@ class FinetuneSettings:
                                   group=_MODEL, resume=True)
     target_modules: tuple[str, ...] | None = setting(
         None, help="comma-separated module names to adapt", bound=_MODULE_NAMES, metavar="NAMES", group=_MODEL,
-        resume=True, default_text="all linear layers but the output head",
+        resume=True, default_text="all linear layers but the output head (on a mixture of experts, not the names peft "
+                                  "reads as its fused experts)",
         report=lambda names: list(names) if names else "all-linear")
     lora_variant: str = setting("lora", help="the adapter: 'lora', or 'dora' (peft's DoRA: a trained magnitude per "
                                 "output row on top of LoRA's direction)", choices=tuple(LORA_VARIANTS), group=_MODEL,

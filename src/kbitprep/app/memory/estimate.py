@@ -3,8 +3,9 @@
     config.json ──> quantized skeleton on meta (kbitprep.sizing)
                 ──> prepared (plan + apply) and LoRA attached, as `finetune` does
                 ──> static bytes, read off the skeleton:
-                      quantized weights, quantization state, other frozen weights,
-                      fp32 casts, LoRA parameters, optimizer state (OPTIMIZERS)
+                      quantized weights, quantization state, weights the backend left
+                      unquantized (3-D experts), other frozen weights, fp32 casts,
+                      LoRA parameters, optimizer state (OPTIMIZERS)
                 ──> one training step run on meta tensors (kbitprep.app.memory.step):
                       gradients, activations kept for the backward pass (the inputs of
                       checkpointed layers, what the loss saves), the batch, and the
@@ -319,6 +320,7 @@ class TrainingSkeleton:
             "quantized weights": [p for p in params.values() if not is_plain_tensor(p)],
             "quantization state": list(quantization_state(self.model)),
             "fp32 casts": [p for name, p in params.items() if name in cast and not p.requires_grad],
+            "unquantized weights": [params[name] for name in self.plan.unquantized_weights if name in params],
             "frozen weights": [*params.values(), *self.model.buffers()],  # whatever the kinds above left
         }
         seen: set[int] = set()
@@ -331,13 +333,16 @@ class TrainingSkeleton:
         details = {
             "quantized weights": "packed 4-bit / int8 weights",
             "quantization state": "their block scales and code tables",
+            "unquantized weights": "outside linear layers (3-D experts), as stored",
             "frozen weights": "embeddings, head, norms, buffers as stored",
             "fp32 casts": f"held in float32 by --upcast {self.settings.upcast}",
             "LoRA parameters": f"rank-{self.settings.lora_r} adapters"
                                + (", DoRA magnitudes" if self.settings.lora_variant == "dora" else "") + ", float32",
         }
-        order = ("quantized weights", "quantization state", "frozen weights", "fp32 casts", "LoRA parameters")
-        parts = [MemoryComponent(name, sizes[name], details[name]) for name in order]
+        order = ("quantized weights", "quantization state", "unquantized weights", "frozen weights", "fp32 casts",
+                 "LoRA parameters")
+        parts = [MemoryComponent(name, sizes[name], details[name]) for name in order
+                 if sizes[name] or name != "unquantized weights"]  # a row only where the backend left some
         parts.append(MemoryComponent("optimizer state", spec.state(self.trainable),
                                      f"{spec.name}: {spec.state_bytes} B per trainable value"
                                      + (" and its block scales" if spec.block else "")))
@@ -453,7 +458,7 @@ class FitReport:
 
 
 def _largest(total: Callable[[int], int], budget: int, start: int, low: int, limit: int) -> int:
-    """The largest n in [low, limit] with total(n) <= budget, for a non-decreasing `total`; low - 1 when none.
+    """The largest n in [low, limit] with total(n) <= budget, for a non-decreasing `total`; 0 when none.
 
     Gallops from `start` to bracket the crossing, then closes the bracket by false position
     (the totals are nearly linear in n, so a guess from the line through the bracket's ends
@@ -468,10 +473,9 @@ def _largest(total: Callable[[int], int], budget: int, start: int, low: int, lim
         if bad is None:
             return good
     else:
-        good, bad = low - 1, start
         if total(low) > budget:
-            return low - 1
-        good = low
+            return 0
+        good, bad = low, start
     while bad - good > 1:
         guess = _false_position(total, budget, good, bad)
         good, bad = (guess, bad) if total(guess) <= budget else (good, guess)

@@ -15,7 +15,11 @@ put right here:
   temporaries (the dequantized weight of a 4-bit matmul) are live tensors; here the body
   runs too, on meta tensors, where it can;
 - data-dependent reads: transformers asks `mask.all()` to skip building a mask; on meta
-  there is no value, so `all()` answers True and `any()` False (no padding, no packing).
+  there is no value, so `all()` answers True and `any()` False (no padding, no packing);
+- grouped matmul (the experts of a mixture-of-experts layer): its meta function takes only
+  bfloat16, as CUDA's kernel once did, while a CPU computes it in float32 too. In another
+  dtype the call gets its output and input gradients sized in that dtype, which is what a
+  device allocates for them.
 
 Each allocation is tagged with where the step is: which layer, before the layers, or
 after them (final norm, LM head, loss), and whether forward or backward. Stacks of
@@ -215,6 +219,55 @@ def _fused_attention() -> Iterator[None]:
         functional.scaled_dot_product_attention = original
 
 
+class _GroupedMatmul(torch.autograd.Function):
+    """A grouped matmul in a dtype its meta function refuses: outputs sized, inputs kept, as on a device."""
+
+    @staticmethod
+    def forward(ctx, original, input, weight, offs, kwargs):
+        ctx.save_for_backward(input, weight)
+        from torch.utils._python_dispatch import _disable_current_modes
+
+        with _disable_current_modes(), torch.no_grad():  # the shape alone, from bf16 stand-ins nobody counts
+            shape = original(input.to(torch.bfloat16), weight.to(torch.bfloat16), offs=offs, **kwargs).shape
+        return input.new_empty(shape, dtype=kwargs.get("out_dtype") or input.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        input, weight = ctx.saved_tensors
+        return (None, torch.empty_like(input) if ctx.needs_input_grad[1] else None,
+                torch.empty_like(weight) if ctx.needs_input_grad[2] else None, None, None)
+
+
+@contextlib.contextmanager
+def _grouped_matmul() -> Iterator[None]:
+    """Lets torch's grouped matmul (`grouped_mm`, `_grouped_mm`) run on meta tensors in any float dtype.
+
+    Replaced for the block, as `_fused_attention` is, so that a checkpointed layer's
+    recomputation on the autograd engine's thread sees it too.
+    """
+    owners = [(owner, name) for owner, name in ((torch.nn.functional, "grouped_mm"), (torch, "_grouped_mm"))
+              if hasattr(owner, name)]
+    originals = [getattr(owner, name) for owner, name in owners]
+
+    def wrap(original: Callable) -> Callable:
+        def grouped(input, weight, *args, offs=None, **kwargs):
+            if args:  # offs given by position
+                offs, args = args[0], args[1:]
+            if (input.device.type != "meta" or args or kwargs.get("bias") is not None
+                    or (input.dtype == weight.dtype == torch.bfloat16 and kwargs.get("out_dtype") is None)):
+                return original(input, weight, *args, offs=offs, **kwargs)
+            return _GroupedMatmul.apply(original, input, weight, offs, kwargs)
+        return grouped
+
+    for (owner, name), original in zip(owners, originals, strict=True):
+        setattr(owner, name, wrap(original))
+    try:
+        yield
+    finally:
+        for (owner, name), original in zip(owners, originals, strict=True):
+            setattr(owner, name, original)
+
+
 # --- the profile of one step -------------------------------------------------------------
 
 
@@ -336,7 +389,7 @@ def _run(model: nn.Module, blocks: nn.ModuleList | None, batch: Callable[[], dic
     where = _Where(counter, blocks)
     trainable = [param for param in model.parameters() if param.requires_grad]
     try:
-        with counter, _fused_attention():
+        with counter, _fused_attention(), _grouped_matmul():
             counter.phase = STATIC
             counter.add(model_tensors(model))
             counter.phase = BATCH

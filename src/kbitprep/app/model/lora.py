@@ -75,20 +75,69 @@ class LoraSettings(Protocol):
     def target_modules(self) -> tuple[str, ...] | None: ...
 
 
-def linear_layer_names(model: nn.Module) -> list[str]:
-    """Leaf names of the model's linear layers (bitsandbytes ones included), without the output head.
+def _linear_layers(model: nn.Module) -> list[str]:
+    """Full names of the model's linear layers (bitsandbytes ones included), without the output head.
 
-    The default LoRA targets. Naming them, rather than asking peft for "all-linear", keeps
-    peft from also wrapping the fused expert parameters of mixture-of-experts models, which
-    its parameter wrapper trains only without dropout.
+    A model's own subclass of `nn.Linear` with a forward of its own is no linear layer to
+    adapt: Phi-3.5-MoE's router is one, and returns (logits, scores, experts), which peft's
+    LoRA layer cannot add its update to.
     """
     from torch import nn as torch_nn
     from transformers.pytorch_utils import Conv1D
 
+    def linear(module: nn.Module) -> bool:
+        cls = type(module)
+        own = cls.__module__.startswith("transformers.models.") and cls.forward is not torch_nn.Linear.forward
+        return isinstance(module, (torch_nn.Linear, Conv1D)) and not own
+
     output_embeddings = getattr(model, "get_output_embeddings", None)
     head = output_embeddings() if callable(output_embeddings) else None
-    return sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
-                   if isinstance(module, (torch_nn.Linear, Conv1D)) and module is not head})
+    return [name for name, module in model.named_modules() if linear(module) and module is not head]
+
+
+def linear_layer_names(model: nn.Module) -> list[str]:
+    """Leaf names of the model's linear layers (bitsandbytes ones included), without the output head."""
+    return sorted({name.rsplit(".", 1)[-1] for name in _linear_layers(model)})
+
+
+def default_targets(model: nn.Module) -> list[str]:
+    """The default LoRA targets: the model's linear layers but the output head, named as peft matches them.
+
+    Naming the linear layers, rather than asking peft for "all-linear", keeps peft from also
+    wrapping the fused expert parameters of a mixture of experts (transformers 5 stores each
+    projection of the experts as one 3-D parameter), which its parameter wrapper trains only
+    without dropout. Two kinds of names are left out for that reason:
+
+    - a name that is also the name of a module that is no linear layer (Zamba2 has linear
+      layers and decoder layers of one name), which peft would try to wrap and refuse;
+    - a name peft itself reads, on this model type, as the experts' parameters: it maps the
+      names adapters trained under transformers 4 used for the experts (`gate_proj`,
+      `up_proj`, `down_proj`, `w1`, ...) onto the fused parameters, wherever they appear
+      (DeepSeek-V3's shared experts are linear `down_proj` layers; naming them would reach
+      its routed experts too).
+    """
+    linear = _linear_layers(model)
+    layers = set(linear)
+    others = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules() if name and name not in layers}
+    left_out = others | _expert_names_for_peft(model)
+    return sorted({name.rsplit(".", 1)[-1] for name in linear} - left_out)
+
+
+def _expert_names_for_peft(model: nn.Module) -> set[str]:
+    """The target names peft maps onto fused expert parameters for this model (transformers 5 only)."""
+    import transformers
+
+    if int(transformers.__version__.split(".")[0]) < 5:
+        return set()
+    try:  # peft's own table; absent from peft releases without the mapping, which then maps nothing
+        from peft.utils.transformers_weight_conversion import (
+            _MODEL_TO_CONVERSION_PATTERN,
+            _MOE_TARGET_MODULE_MAPPING,
+        )
+    except ImportError:
+        return set()
+    pattern = _MODEL_TO_CONVERSION_PATTERN.get(str(getattr(getattr(model, "config", None), "model_type", "")))
+    return set(_MOE_TARGET_MODULE_MAPPING.get(pattern, {})) if isinstance(pattern, str) else set()
 
 
 def attach_lora(model: nn.Module, settings: LoraSettings) -> nn.Module:
@@ -113,7 +162,7 @@ def attach_lora(model: nn.Module, settings: LoraSettings) -> nn.Module:
         # peft annotates lora_alpha as int, but scales by alpha / r in floating point.
         r=settings.lora_r, lora_alpha=settings.lora_alpha,  # type: ignore[arg-type]
         lora_dropout=settings.lora_dropout, bias="none",
-        target_modules=list(settings.target_modules or linear), task_type="CAUSAL_LM",
+        target_modules=list(settings.target_modules or default_targets(model)), task_type="CAUSAL_LM",
         use_dora=LORA_VARIANTS[getattr(settings, "lora_variant", "lora")],
         # peft annotates init_lora_weights as a Literal of its names; INIT_METHODS holds only those names
         use_rslora=bool(getattr(settings, "rslora", False)), init_lora_weights=init.peft,  # type: ignore[arg-type]
@@ -126,8 +175,11 @@ def attach_lora(model: nn.Module, settings: LoraSettings) -> nn.Module:
                                     category=FutureWarning)
             wrapped = get_peft_model(model, config)
     except ValueError as error:
-        raise LoraTargetError(f"--target-modules: {error_summary(error)}; the model's linear layers are "
-                            f"{', '.join(linear) or 'none'}") from None
+        experts = ("; peft trains a mixture of experts' fused expert parameters, which these names also reach, only "
+                   "with --lora-dropout 0: pass that, or leave the experts' names out" if "ParamWrapper" in str(error)
+                   else "")
+        raise LoraTargetError(f"--target-modules: {error_summary(error)}{experts}; the model's linear layers are "
+                              f"{', '.join(linear) or 'none'}") from None
     except (TypeError, RuntimeError) as error:  # peft's initialisation refusing (or failing on) this base's weights
         raise _init_error(init_name, error) from None
     if init.loftq and next(model.parameters()).device.type != "meta":

@@ -226,6 +226,7 @@ class FinetuneRun:
         self.setup = setup
         self.makes = makes
         self.folder = RunFolder(self.settings.output)
+        self.warned: set[str] = set()  # codes of the plan's warnings shown before loading (`warn_before_loading`)
 
     def run(self) -> FinetuneReport:
         """Claim the run folder, then load, prepare, adapt, train and save; clean up after a failure.
@@ -260,7 +261,7 @@ class FinetuneRun:
         started = time.perf_counter()
         if session.main:
             report_checks(inputs, session.observer)
-        memory = self.predict_memory(inputs)
+        memory = self.predict_memory(inputs, warn=session.main)
         with timed(timings, "load_s"):
             built = self.executor.load(inputs, session, functools.partial(self.build, inputs, session))
         timings["prepare_s"] = built.prepare_s
@@ -285,7 +286,7 @@ class FinetuneRun:
 
     # --- the phases ----------------------------------------------------------------------
 
-    def predict_memory(self, inputs: RunInputs) -> dict[str, Any]:
+    def predict_memory(self, inputs: RunInputs, *, warn: bool = True) -> dict[str, Any]:
         """The memory model's estimate of the run's peak, from config.json alone, before anything is loaded.
 
         The estimate is advice: a model it cannot size still trains, and report.json says why.
@@ -293,16 +294,29 @@ class FinetuneRun:
         longest row (at most --seq-len); packed rows are all --seq-len long.
         """
         from ..data.tokenize import longest_row
-        from ..memory.estimate import MemorySettings, estimate_memory
+        from ..memory.estimate import MemorySettings, TrainingSkeleton
 
         train = inputs.train_data
         longest = self.settings.seq_len if isinstance(train, PackedData) else longest_row(train)
         seq_len = max(2, min(self.settings.seq_len, longest or self.settings.seq_len))
         try:  # the settings' device defaults to where this run trains
-            estimate = estimate_memory(inputs.config, MemorySettings.from_run(self.settings, seq_len=seq_len))
+            skeleton = TrainingSkeleton(inputs.config, MemorySettings.from_run(self.settings, seq_len=seq_len))
+            if warn:
+                self.warn_before_loading(skeleton.plan)
+            estimate = skeleton.estimate()
         except Exception as error:  # noqa: BLE001 - see the docstring
             return {"predicted": None, "why_not_predicted": error_summary(error)}
         return {"predicted": estimate.to_dict(), "predicted_peak_bytes": estimate.total}
+
+    def warn_before_loading(self, plan: PreparationPlan) -> None:
+        """The plan's warnings about what loading will cost, from the model sized on meta: shown before the
+        weights load (which may not fit), and not again when the real model is prepared."""
+        from ...plan import WEIGHTS_NOT_QUANTIZED
+
+        for diagnostic in plan.diagnostics:
+            if diagnostic.code == WEIGHTS_NOT_QUANTIZED.code and diagnostic.code not in self.warned:
+                self.warned.add(diagnostic.code)
+                warnings.warn(diagnostic.as_warning(), stacklevel=2)
 
     def claim(self) -> tuple[Session, str]:
         """Start the processes; the main one locks the run folder, checks it and marks it INCOMPLETE.
@@ -403,9 +417,9 @@ class FinetuneRun:
         from ...plan import SLOW_HEAD_PRECISION
 
         plan = self.executor.plan_preparation(model, self.settings.upcast)
-        if self.settings.loss == "chunked":  # the chunked loss computes the head in the device's fast precision
-            plan = dataclasses.replace(plan, diagnostics=tuple(
-                d for d in plan.diagnostics if d.code != SLOW_HEAD_PRECISION.code))
+        # The chunked loss computes the head in the device's fast precision; some were shown before loading.
+        shown = self.warned | ({SLOW_HEAD_PRECISION.code} if self.settings.loss == "chunked" else set())
+        plan = dataclasses.replace(plan, diagnostics=tuple(d for d in plan.diagnostics if d.code not in shown))
         observer.on_plan(plan)
         with warnings.catch_warnings():
             if self.settings.quantize == "none":  # asked for explicitly; the plan already says so
