@@ -126,14 +126,15 @@ def make_data_and_run_files(root: pathlib.Path) -> None:
 
 
 # The run-folder and early-refusal cases: what each holds is named beside it.
-HOSTILE = {"other-shape", "missing-layers", "wrong-type", "small-vocab", "cyrillic.jsonl", "good.jsonl.gz",
+HOSTILE = {"other-shape", "missing-layers", "wrong-type", "small-vocab", "short-positions", "cyrillic.jsonl",
+           "good.jsonl.gz",
            "utf16.jsonl", "absurd-layers", "demo-run", "damaged-marker", "changed-data"}
 
 
 def make_hostile_inputs(root: pathlib.Path, model: pathlib.Path) -> None:
     import torch
     from safetensors.torch import load_file, save_file
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
     config = json.loads((model / "config.json").read_text())
     shutil.copytree(model, root / "other-shape")  # config.json of a wider model than the weights
@@ -147,6 +148,10 @@ def make_hostile_inputs(root: pathlib.Path, model: pathlib.Path) -> None:
     shutil.copytree(model, root / "small-vocab")  # the tokenizer of a model with a larger vocabulary
     torch.manual_seed(0)
     LlamaForCausalLM(LlamaConfig(**{**config, "vocab_size": 40})).save_pretrained(root / "small-vocab")
+    shutil.copytree(model, root / "short-positions")  # GPT-2 with a table of 8 learned positions
+    (root / "short-positions" / "model.safetensors").unlink()
+    GPT2LMHeadModel(GPT2Config(n_embd=16, n_layer=1, n_head=2, n_positions=8, vocab_size=config["vocab_size"])
+                    ).save_pretrained(root / "short-positions")
     write_lines(root / "cyrillic.jsonl", [{"text": "привет мир"}, {"text": "добрый день"}])
     (root / "good.jsonl.gz").write_bytes(gzip.compress((root / "good.jsonl").read_bytes()))
     (root / "utf16.jsonl").write_bytes((root / "good.jsonl").read_text().encode("utf-16"))
@@ -279,6 +284,10 @@ CASES = [
             lambda ws: finetune(ws / "wrong-type", ws.data, ws / "out-wrong-type"),
             lambda ws: (str(ws / "wrong-type" / "config.json"), "hidden_size", "fix that value"),
             lambda ws: ws / "out-wrong-type"),
+    CliCase("rows-past-learned-positions",
+            lambda ws: finetune(ws / "short-positions", ws.data, ws / "out-short-positions"),
+            lambda ws: (str(ws.data), "longer than the model's 8 positions", "transformer.wpe", "--seq-len 8 or less"),
+            lambda ws: ws / "out-short-positions"),
     CliCase("tokenizer-larger-than-vocabulary",
             lambda ws: finetune(ws / "small-vocab", ws.data, ws / "out-small-vocab"),
             lambda ws: (str(ws / "small-vocab"), "token id", "vocabulary has 40 entries", "another model"),

@@ -23,7 +23,7 @@ from ..data.files import read_data
 from ..data.packing import PackedData, pack_examples
 from ..data.rows import DataError, Row
 from ..data.template_checks import NO_FINDINGS, TemplateChecks, check_rows, probe_template
-from ..data.tokenize import CausalLMCollator, TokenizedData, check_token_ids, tokenize_rows
+from ..data.tokenize import CausalLMCollator, TokenizedData, check_token_ids, longest_row, tokenize_rows
 from ..model.loading import ModelFolderError, check_model_folder, load_tokenizer
 from .sampling import pad_token_id
 
@@ -148,6 +148,37 @@ def check_vocabulary(inputs: RunInputs, vocab_size: int) -> None:
         if data is not None:
             check_token_ids(data, vocab_size, tokenizer_source=inputs.settings.model,
                             pad_token_id=inputs.pad_token_id)
+
+
+def learned_positions(model: Any) -> tuple[str, int] | None:
+    """(the module's name, its positions) where the model looks positions up in a table of its own:
+    GPT-2's `wpe`, OPT's `embed_positions` (two rows of offset). None for rotary or ALiBi models."""
+    from torch import nn
+
+    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if not isinstance(limit, int) or limit < 1:
+        return None
+    tokens = model.get_input_embeddings()
+    return next(((name, limit) for name, module in model.named_modules()
+                 if isinstance(module, nn.Embedding) and module is not tokens
+                 and limit <= module.num_embeddings <= limit + 2), None)
+
+
+def check_positions(inputs: RunInputs, model: Any) -> None:
+    """Refuse rows longer than a model's learned position embeddings have positions for.
+
+    Raises:
+        DataError: names the longest row, the model's positions and the --seq-len that fits.
+    """
+    table = learned_positions(model)
+    longest = max(longest_row(inputs.data), longest_row(inputs.eval_data) if inputs.eval_data is not None else 0)
+    if table is None or longest <= table[1]:
+        return
+    name, positions = table
+    raise DataError(f"{inputs.settings.data}: rows of up to {longest} tokens (at --seq-len {inputs.settings.seq_len}) "
+                    f"are longer than the model's {positions} positions (config.json max_position_embeddings): its "
+                    f"position embeddings ({name}) have no row past position {positions - 1}. Pass --seq-len "
+                    f"{positions} or less")
 
 
 def evaluation_rows(settings: FinetuneSettings, rows: Sequence[Row]) -> tuple[list[Row], list[Row]]:

@@ -69,6 +69,7 @@ from .inputs import (
     RunInputs,
     RunRequest,
     check_chat_rows,
+    check_positions,
     check_vocabulary,
     evaluation_rows,
     read_inputs,
@@ -406,6 +407,7 @@ class FinetuneRun:
         vocab_size = model.get_input_embeddings().num_embeddings
         if not skeleton:
             check_vocabulary(inputs, vocab_size)
+            check_positions(inputs, model)
         model, plan = self.prepare(model, observer, check_packs=not skeleton)
         model, trainable, total = self.adapt(model, observer)
         return Built(model, plan, trainable, total, prepare_s=time.perf_counter() - started)
