@@ -246,3 +246,26 @@ def test_preview_exits_non_zero_on_a_check_error(tmp_path: Path, capsys) -> None
     every = _chat_file(tmp_path, ["cdefghijklmnopqrstuvwx"] * 3, "every.jsonl")
     assert main(["preview", str(MODEL), str(every), "--seq-len", "16"]) == 1
     assert "error [stop-token-never-trained]" in capsys.readouterr().out
+
+
+def test_rows_past_the_tokenizers_max_length_bring_no_indexing_errors_note(tmp_path: Path) -> None:
+    """The demo tokenizer says model_max_length 256; rows are cut at --seq-len, so transformers' note that
+    such a row "will result in indexing errors" warns of nothing and is not shown."""
+    import logging
+
+    import transformers
+
+    data = tmp_path / "long.jsonl"
+    data.write_text(json.dumps({"text": "abcdefghij " * 60}) + "\n", encoding="utf-8")
+    assert transformers.AutoTokenizer.from_pretrained(MODEL).model_max_length < 600  # the row is longer
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append  # type: ignore[method-assign]
+    logger = logging.getLogger("transformers.tokenization_utils_base")
+    logger.addHandler(handler)
+    try:
+        assert len(_inputs(data, seq_len=512).data.examples[0]["input_ids"]) == 512
+        transformers.AutoTokenizer.from_pretrained(MODEL)("abcdefghij " * 60)  # outside a run it is logged
+    finally:
+        logger.removeHandler(handler)
+    assert [r.getMessage()[:29] for r in records] == ["Token indices sequence length"]

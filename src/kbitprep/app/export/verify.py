@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from ...errors import KbitPrepError
 from ..model.loading import error_summary
+from ..model.quiet import without_log_notes
 
 if TYPE_CHECKING:
     import torch
@@ -129,7 +130,8 @@ def _rows(settings: dict[str, Any], tokenizer: Any, count: int) -> list[list[int
                           "back where the run read it, or merge without --verify")
     try:
         rows = read_data(data, settings.get("data_format") or "auto")
-        tokenized = tokenize_rows(rows[:count], tokenizer, int(settings.get("seq_len") or 512), source=data)
+        with without_log_notes("long-row-tokens"):  # rows are cut at the run's --seq-len
+            tokenized = tokenize_rows(rows[:count], tokenizer, int(settings.get("seq_len") or 512), source=data)
     except DataError as error:
         raise VerifyError(f"--verify cannot read the run's rows: {error}") from None
     return [example["input_ids"] for example in tokenized.examples]

@@ -19,6 +19,10 @@ LOG_NOTES: Mapping[str, tuple[str, str]] = {
     # Logged on every 8-bit matmul with float32 inputs (bitsandbytes int8 always computes in
     # float16): hundreds of identical lines per run.
     "bnb-int8-cast": ("bitsandbytes.autograd._functions", "MatMul8bitLt: inputs will be cast"),
+    # Logged once per tokenizer when a row tokenizes past its model_max_length, warning of
+    # "indexing errors": kbitprep cuts every row at --seq-len, and refuses a --seq-len past the
+    # model's learned positions, so the note warns of what cannot happen.
+    "long-row-tokens": ("transformers.tokenization_utils_base", "Token indices sequence length is longer"),
 }
 
 

@@ -25,6 +25,7 @@ from ..data.rows import DataError, Row
 from ..data.template_checks import NO_FINDINGS, TemplateChecks, check_rows, probe_template
 from ..data.tokenize import CausalLMCollator, TokenizedData, check_token_ids, longest_row, tokenize_rows
 from ..model.loading import ModelFolderError, check_model_folder, load_tokenizer
+from ..model.quiet import without_log_notes
 from .sampling import pad_token_id
 
 if TYPE_CHECKING:
@@ -120,8 +121,12 @@ def read_inputs(request: RunRequest, *, for_run: bool = True) -> RunInputs:
     config = request.config if request.config is not None else check_model_folder(settings.model)
     tokenizer = load_tokenizer(settings.model)
     check_chat_rows(settings, request.rows, tokenizer)
-    end, probed = probe_template(request.rows, tokenizer, settings.data)
-    data = tokenize_rows(request.rows, tokenizer, settings.seq_len, source=settings.data)
+    with without_log_notes("long-row-tokens"):  # rows are cut at --seq-len
+        end, probed = probe_template(request.rows, tokenizer, settings.data)
+        data = tokenize_rows(request.rows, tokenizer, settings.seq_len, source=settings.data)
+        eval_data = tokenize_rows(request.eval_rows, tokenizer, settings.seq_len,
+                                  source=settings.eval_data or f"{settings.data} (held out)") \
+            if request.eval_rows else None
     pad = pad_token_id(tokenizer)
     stops, stops_file = generation_stop_ids(settings.model, config)
     checks = check_rows(request.rows, data, tokenizer, seq_len=settings.seq_len, end=end,
@@ -132,9 +137,6 @@ def read_inputs(request: RunRequest, *, for_run: bool = True) -> RunInputs:
     train_data: TokenizedData | PackedData = data
     if settings.pack:
         train_data = pack_examples(data.examples, settings.seq_len, settings.batch_size)
-    source = settings.eval_data or f"{settings.data} (held out)"
-    eval_data = tokenize_rows(request.eval_rows, tokenizer, settings.seq_len, source=source) \
-        if request.eval_rows else None
     inputs = RunInputs(request, config, tokenizer, data, train_data, eval_data, checks)
     vocab_size = configured_vocab_size(config)
     if vocab_size is not None:  # before loading: another model's tokenizer costs seconds, not a model load
