@@ -451,3 +451,19 @@ def test_sampling_before_preparation_is_undone(zoo, repacking_llama, never_sampl
     gradients = _adapter_gradients(zoo, repacking_llama(), sample_before=True)
     relative = (gradients - never_sampled_gradients).norm() / never_sampled_gradients.norm()
     assert relative < 0.01, f"adapter gradients off by {relative:.1%}"
+
+
+def test_peft_022s_name_for_the_checkpointing_options_is_taken_too(zoo) -> None:
+    """peft 0.22 renamed gradient_checkpointing_kwargs to activation_checkpointing_kwargs: calls written
+    for either release prepare the same way; naming both is refused before anything changes."""
+    options = {"use_reentrant": False}
+    renamed = plan_preparation(zoo.load("qwen2", "nf4-dq"), activation_checkpointing_kwargs=options)
+    assert renamed.to_dict() == plan_preparation(zoo.load("qwen2", "nf4-dq"),
+                                                 gradient_checkpointing_kwargs=options).to_dict()
+    assert renamed.checkpointing.kwargs["use_reentrant"] is False
+    model = zoo.load("qwen2", "nf4-dq")
+    prepare_model_for_kbit_training(model, activation_checkpointing_kwargs=options)
+    assert model.is_activation_checkpointing
+    with pytest.raises(ValueError, match="not both"):
+        prepare_model_for_kbit_training(zoo.load("qwen2", "nf4-dq"), gradient_checkpointing_kwargs=options,
+                                        activation_checkpointing_kwargs=options)

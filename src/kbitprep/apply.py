@@ -133,6 +133,7 @@ def prepare_model_for_kbit_training(
     upcast: str = "all",
     every_n_layers: int = 1,
     offload: bool = False,
+    activation_checkpointing_kwargs: dict[str, Any] | None = None,
 ) -> nn.Module:
     """Prepare a quantized model for adapter (LoRA) training, in place: plan, then apply.
 
@@ -152,6 +153,9 @@ def prepare_model_for_kbit_training(
             compute in float32 and return the model's dtype) or ``"none"``. Default: ``"all"``
         every_n_layers (int): checkpoint every n-th layer, where transformers supports it. Default: 1
         offload (bool): keep checkpointed activations in host memory, where supported. Default: False
+        activation_checkpointing_kwargs (dict | None): `gradient_checkpointing_kwargs` by the name
+            peft 0.22 gives it, so calls written for either release work; pass one of the two.
+            Default: None
 
     Returns:
         nn.Module: the same `model` object.
@@ -173,5 +177,6 @@ def prepare_model_for_kbit_training(
     plan = plan_preparation(
         model, use_gradient_checkpointing, gradient_checkpointing_kwargs, auto_clear_cache,
         upcast=upcast, every_n_layers=every_n_layers, offload=offload,
+        activation_checkpointing_kwargs=activation_checkpointing_kwargs,
     )
     return apply_plan(model, plan, auto_clear_cache=auto_clear_cache)

@@ -485,6 +485,7 @@ def plan_preparation(
     upcast: str = "all",
     every_n_layers: int = 1,
     offload: bool = False,
+    activation_checkpointing_kwargs: dict[str, Any] | None = None,
 ) -> PreparationPlan:
     """Plan what `prepare_model_for_kbit_training` would do, changing nothing.
 
@@ -498,6 +499,8 @@ def plan_preparation(
             ``"norms"`` (only normalisation layers), ``"none"``. Default: ``"all"``
         every_n_layers (int): checkpoint every n-th layer, where transformers supports it. Default: 1
         offload (bool): keep checkpointed activations in host memory, where supported. Default: False
+        activation_checkpointing_kwargs (dict | None): `gradient_checkpointing_kwargs` by peft 0.22's
+            name for it; pass one of the two. Default: None
 
     Returns:
         PreparationPlan: the plan; `str()` for a table, `.to_dict()` for JSON.
@@ -511,6 +514,11 @@ def plan_preparation(
         >>> plan.bytes_after / plan.bytes_before
         1.02
     """
+    if activation_checkpointing_kwargs is not None:
+        if gradient_checkpointing_kwargs is not None:
+            raise InvalidArgumentError("pass gradient_checkpointing_kwargs or activation_checkpointing_kwargs (peft "
+                                       "0.22's name for the same options), not both")
+        gradient_checkpointing_kwargs = activation_checkpointing_kwargs
     kwargs = validate_arguments(model, use_gradient_checkpointing, gradient_checkpointing_kwargs,
                                 auto_clear_cache, upcast, every_n_layers, offload)
     detection = detect_quantization(model)
