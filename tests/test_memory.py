@@ -272,6 +272,22 @@ def test_a_mixture_of_experts_is_sized_within_ten_percent_and_its_experts_counte
         assert "unquantized weights" not in names and estimate.component("fp32 casts") >= 2 * experts
 
 
+# DeepSeek-V3's attention (MLA): queries and keys of 48 values a head, values of 16.
+DEEPSEEK_V3 = {"model_type": "deepseek_v3", **_SMALL, "hidden_size": 64, "intermediate_size": 128,
+               "moe_intermediate_size": 32, "num_hidden_layers": 3, "num_key_value_heads": 4, "n_routed_experts": 4,
+               "num_experts_per_tok": 2, "first_k_dense_replace": 1, "n_group": 1, "topk_group": 1, "q_lora_rank": 16,
+               "kv_lora_rank": 16, "qk_rope_head_dim": 16, "qk_nope_head_dim": 32, "v_head_dim": 16, "vocab_size": 1000}
+
+
+def test_attention_with_values_narrower_than_its_keys_is_sized_within_ten_percent(tmp_path: Path,
+                                                                                 single_thread) -> None:
+    settings = dataclasses.replace(SETTINGS, loss="chunked", seq_len=128)
+    folder = _save(DEEPSEEK_V3, tmp_path / "deepseek")
+    estimate = estimate_memory(folder, settings)
+    measured = _measured_peak(folder, settings)
+    assert abs(estimate.total - measured) / measured <= 0.10, (estimate.total, measured)
+
+
 def test_a_step_that_cannot_run_on_meta_says_so_and_inspect_still_shows_the_plans(tmp_path: Path, capsys) -> None:
     from transformers import AutoConfig
 

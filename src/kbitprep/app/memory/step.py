@@ -204,7 +204,9 @@ def _fused_attention() -> Iterator[None]:
     original = functional.scaled_dot_product_attention
 
     def attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
-        if query.device.type != "meta":
+        # Values of another head size than the queries' (DeepSeek's MLA: 192 for queries and keys,
+        # 128 for values) are no case for the fused CPU kernel: torch takes the math path there too.
+        if query.device.type != "meta" or value.shape[-1] != query.shape[-1]:
             return original(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
                             scale=scale, enable_gqa=enable_gqa)
         # The kernel reads grouped key/value heads as they are (enable_gqa), as it does on a device.
